@@ -1,0 +1,43 @@
+# The two commands of the quick start are `make demo` and `make test`; each sets itself up.
+#
+# Set-up: a virtualenv in $(VENV) with $(TORCH) (the CPU build of PyTorch by default), the package
+# (its C++ extension compiled against that torch) and the test dependencies.
+# GPU users pick their own PyTorch build, e.g.
+#   make test TORCH="torch==2.11.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu130"
+# or reuse an environment that already has one:
+#   make test VENV_ARGS=--system-site-packages TORCH=
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_ARGS ?=
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= test
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.salign-installed
+SOURCES := pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
+
+.PHONY: install test demo check bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(if $(strip $(TORCH)),$(PIP) install "$(TORCH)" $(TORCH_PIP_ARGS))
+	$(PIP) install "setuptools>=64" wheel ninja
+	$(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) examples/compare_backends.py
+
+check: $(STAMP)
+	$(PY) -m salign_kernels.check
+
+clean:
+	rm -rf build *.egg-info salign_kernels/*.so .pytest_cache .benchmarks

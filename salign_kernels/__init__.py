@@ -1,0 +1,27 @@
+"""salign_kernels: fused dense feature-matching losses for self-supervised alignment learning.
+
+The local alignment loss matches every pixel of one slice's feature map to its most similar pixel in
+a nearby slice, without building the (H*W x H*W) similarity matrix; the global positional loss
+predicts the slices' relative position. See the README for the definitions.
+"""
+
+from ._backend import BackendStatus, BackendUnavailableError, backends, resolve_backend
+from .functional import dense_match, global_positional_loss, local_alignment_loss, window_match
+from .losses import GlobalPositionalHead, LocalAlignmentLoss, SALoss, SALossOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "dense_match",
+    "window_match",
+    "local_alignment_loss",
+    "global_positional_loss",
+    "LocalAlignmentLoss",
+    "GlobalPositionalHead",
+    "SALoss",
+    "SALossOutput",
+    "backends",
+    "resolve_backend",
+    "BackendStatus",
+    "BackendUnavailableError",
+]

@@ -1,0 +1,9 @@
+"""pytest configuration: every test starts from the same global seed."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,121 @@
+"""The public API: functions, modules, backend reporting and the self-check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import salign_kernels as sk
+from salign_kernels import reference
+from helpers import make_features, make_mask
+
+
+def test_public_names():
+    for name in [
+        "dense_match", "window_match", "local_alignment_loss", "global_positional_loss",
+        "LocalAlignmentLoss", "GlobalPositionalHead", "SALoss", "backends",
+    ]:
+        assert hasattr(sk, name), name
+
+
+def test_backends_report():
+    report = sk.backends()
+    assert list(report) == ["reference", "cpp", "triton"]
+    assert report["reference"] == True  # noqa: E712 - the documented way to read it
+    for name, status in report.items():
+        assert isinstance(status, sk.BackendStatus)
+        assert bool(status) == status.available
+        if not status:
+            assert status.reason, f"{name} is unavailable without a reason"
+            assert status.reason in repr(status)
+
+
+def test_auto_resolves_to_an_available_backend():
+    name = sk.resolve_backend("auto", "cpu")
+    assert sk.backends()[name]
+    assert sk.resolve_backend("reference", "cpu") == "reference"
+
+
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (4, "partition")])
+def test_functional_api_matches_the_reference(window, mode):
+    shape = (2, 6, 7, 9)
+    a, b = make_features(shape)
+    mask_a, mask_b = make_mask(shape, 0.8, 1), make_mask(shape, 0.7, 2)
+    if window is None:
+        got = sk.dense_match(a, b, mask_a=mask_a, mask_b=mask_b, backend="reference")
+    else:
+        got = sk.window_match(a, b, window, mode=mode, mask_a=mask_a, mask_b=mask_b, backend="reference")
+    want = reference.match(a, b, window, mode, mask_a, mask_b)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    loss = sk.local_alignment_loss(a, b, window=window, window_mode=mode, symmetric=True, mask_a=mask_a, backend="reference")
+    torch.testing.assert_close(loss, reference.local_alignment_loss(a, b, window, mode, True, mask_a))
+
+
+def test_local_alignment_loss_module_equals_the_function():
+    a, b = make_features((2, 4, 5, 5))
+    mask = make_mask(a.shape)
+    module = sk.LocalAlignmentLoss(window=3, symmetric=True, reduction="sum")
+    want = sk.local_alignment_loss(a, b, window=3, symmetric=True, mask_b=mask, reduction="sum")
+    torch.testing.assert_close(module(a, b, mask_b=mask), want)
+    assert "window=3" in repr(module)
+
+
+def test_positional_head_shapes_and_gradients():
+    head = sk.GlobalPositionalHead(6, hidden=16)
+    a, b = make_features((4, 6, 5, 7))
+    a.requires_grad_()
+    pred = head(a, b)
+    assert pred.shape == (4,)
+    pred.sum().backward()
+    assert a.grad.shape == a.shape and a.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_positional_head_is_order_sensitive():
+    # Swapping the slices must be able to change the prediction: the offset is signed.
+    torch.manual_seed(0)
+    head = sk.GlobalPositionalHead(3, hidden=8)
+    a, b = make_features((2, 3, 4, 4))
+    assert not torch.allclose(head(a, b), head(b, a))
+
+
+def test_positional_loss_values():
+    pred = torch.tensor([0.5, -0.25])
+    pos_a, pos_b = torch.tensor([0.0, 0.5]), torch.tensor([0.25, 0.25])  # offsets 0.25, -0.25
+    assert sk.global_positional_loss(pred, pos_a, pos_b).item() == pytest.approx(0.125)
+    assert sk.global_positional_loss(pred, pos_a, pos_b, reduction="sum").item() == pytest.approx(0.25)
+    torch.testing.assert_close(sk.global_positional_loss(pred, pos_a, pos_b, reduction="none"), torch.tensor([0.25, 0.0]))
+
+
+def test_sa_loss_total_is_local_plus_weighted_positional():
+    torch.manual_seed(0)
+    criterion = sk.SALoss(4, window=3, symmetric=True, gp_weight=0.5, hidden=8, backend="reference")
+    a, b = make_features((3, 4, 6, 6))
+    a.requires_grad_()
+    pos_a, pos_b = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.2, 0.4, 0.9])
+    mask = make_mask(a.shape)
+    out = criterion(a, b, pos_a, pos_b, mask_a=mask)
+    assert isinstance(out, sk.SALossOutput)
+    torch.testing.assert_close(out.local, sk.local_alignment_loss(a, b, window=3, symmetric=True, mask_a=mask))
+    pred = criterion.head(a, b)
+    torch.testing.assert_close(out.positional, sk.global_positional_loss(pred, pos_a, pos_b))
+    torch.testing.assert_close(out.total, out.local + 0.5 * out.positional)
+    out.total.backward()
+    assert a.grad is not None and all(p.grad is not None for p in criterion.parameters())
+
+
+def test_sa_loss_with_half_features_returns_float32():
+    criterion = sk.SALoss(4, hidden=8).to(torch.bfloat16)
+    a, b = make_features((2, 4, 5, 5), torch.bfloat16)
+    out = criterion(a, b, torch.tensor([0.0, 0.5]), torch.tensor([0.5, 0.25]))
+    assert out.total.dtype == torch.float32 and out.local.dtype == torch.float32
+
+
+def test_check_module_runs_and_passes():
+    result = subprocess.run([sys.executable, "-m", "salign_kernels.check"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "backends:" in result.stdout and "torch" in result.stdout
+    assert "reference" in result.stdout
