@@ -5,7 +5,9 @@ A backend is a module (or namespace) with
 - ``status() -> BackendStatus``: whether it can run here, and why not;
 - ``supports(device: torch.device) -> bool``: whether it runs on tensors of that device;
 - ``match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize) -> (values, indices)``:
-  the matching of :mod:`salign_kernels.reference` with the same semantics, differentiable in values.
+  the matching of :mod:`salign_kernels.reference` with the same semantics, differentiable in values;
+- optionally ``match_symmetric(...)`` with the same arguments, returning the matches of both
+  directions ``[(values_ab, indices_ab), (values_ba, indices_ba)]`` from one fused pass.
 
 ``backend="auto"`` takes the first available backend of :data:`AUTO_ORDER` for the tensors' device.
 An explicitly named backend that is unavailable, or that does not run on that device, raises.
@@ -114,6 +116,19 @@ def select(backend: str, device: Union[torch.device, str]):
     if not module.supports(device):
         raise BackendUnavailableError(f"backend={backend!r} does not run on {device.type} tensors")
     return module
+
+
+def match_directions(impl, feat_a, feat_b, window, mode, mask_a, mask_b, normalize, symmetric):
+    """The matches a -> b (and b -> a when ``symmetric``), fused when the backend can."""
+    if not symmetric:
+        return [impl.match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)]
+    fused = getattr(impl, "match_symmetric", None)
+    if fused is not None:
+        return fused(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
+    return [
+        impl.match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize),
+        impl.match(feat_b, feat_a, window, mode, mask_b, mask_a, normalize),
+    ]
 
 
 def resolve_backend(backend: str = "auto", device: Union[torch.device, str] = "cpu") -> str:

@@ -132,13 +132,10 @@ def local_alignment_loss(
     check_bool(symmetric, "symmetric")
     check_choice(reduction, "reduction", REDUCTIONS)
     impl = _backend.select(backend, feat_a.device)
-
-    def match_fn(xa, xb, ma, mb):
-        return impl.match(xa, xb, window, window_mode, ma, mb, normalize)
-
-    return reference.alignment_loss(
-        match_fn, feat_a, feat_b, symmetric=symmetric, mask_a=mask_a, mask_b=mask_b, reduction=reduction
+    directions = _backend.match_directions(
+        impl, feat_a, feat_b, window, window_mode, mask_a, mask_b, normalize, symmetric
     )
+    return reference.alignment_loss(directions, reduction)
 
 
 def global_positional_loss(

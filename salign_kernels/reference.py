@@ -14,7 +14,7 @@ Notation: features ``(B, C, H, W)``; pixels flattened row-major, ``p = h * W + w
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,6 @@ from ._dtypes import accumulation_dtype
 NORMALIZE_EPS = 1e-12  # the eps of torch.nn.functional.normalize
 
 Match = Tuple[torch.Tensor, torch.Tensor]
-MatchFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], Match]
 
 
 def prepare_features(feat: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -205,31 +204,19 @@ def match(
     return window_match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
 
 
-def alignment_loss(
-    match_fn: MatchFn,
-    feat_a: torch.Tensor,
-    feat_b: torch.Tensor,
-    *,
-    symmetric: bool = False,
-    mask_a: Optional[torch.Tensor] = None,
-    mask_b: Optional[torch.Tensor] = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """The LA/WLA loss from any matching function ``match_fn(xa, xb, mask_a, mask_b)``.
+def alignment_loss(directions: Sequence[Match], reduction: str = "mean") -> torch.Tensor:
+    """The LA/WLA loss from the matches of one or two directions (a -> b, then b -> a).
 
     Per query pixel ``l_p = |1 - value[p]|`` over valid queries (index >= 0), 0 elsewhere.
     ``"mean"`` divides each direction's sum by its number of valid queries (0 when there is none),
-    ``"sum"`` keeps the sum; the directions a -> b and b -> a are averaged when ``symmetric``.
-    ``"none"`` returns ``(B, H, W)``, or ``(B, 2, H, W)`` when symmetric (channel 0 is a -> b).
+    ``"sum"`` keeps the sum; two directions are averaged. ``"none"`` returns ``(B, H, W)``, or
+    ``(B, 2, H, W)`` for two directions (channel 0 is a -> b).
 
-    Every backend shares this assembly: backends differ only in ``match_fn``.
+    Every backend shares this reduction: backends differ only in how they match.
     """
-    directions = [match_fn(feat_a, feat_b, mask_a, mask_b)]
-    if symmetric:
-        directions.append(match_fn(feat_b, feat_a, mask_b, mask_a))
     per_pixel = [torch.where(idx >= 0, (1.0 - val).abs(), 0.0) for val, idx in directions]
     if reduction == "none":
-        return torch.stack(per_pixel, dim=1) if symmetric else per_pixel[0]
+        return per_pixel[0] if len(per_pixel) == 1 else torch.stack(per_pixel, dim=1)
     if reduction == "sum":
         totals = [loss.sum() for loss in per_pixel]
     else:  # "mean"; the clamp keeps an all-masked batch at 0 without a host sync
@@ -251,14 +238,14 @@ def local_alignment_loss(
     normalize: bool = True,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """The LA loss (``window=None``) or the WLA loss, computed with the reference matching."""
+    """The LA loss (``window=None``) or the WLA loss, computed with the reference matching.
 
-    def match_fn(xa, xb, ma, mb):
-        return match(xa, xb, window, window_mode, ma, mb, normalize)
-
-    return alignment_loss(
-        match_fn, feat_a, feat_b, symmetric=symmetric, mask_a=mask_a, mask_b=mask_b, reduction=reduction
-    )
+    ``symmetric=True`` adds the direction b -> a: queries in b, candidates in a, masks swapped.
+    """
+    directions = [match(feat_a, feat_b, window, window_mode, mask_a, mask_b, normalize)]
+    if symmetric:
+        directions.append(match(feat_b, feat_a, window, window_mode, mask_b, mask_a, normalize))
+    return alignment_loss(directions, reduction)
 
 
 def global_positional_loss(
