@@ -1,0 +1,94 @@
+"""The Triton kernels as PyTorch ops: ``torch.ops.salign_triton.match_forward`` / ``match_backward``.
+
+Both are ``torch.library`` custom ops with fake (shape-only) implementations, so ``torch.compile``
+traces a training step through them without a graph break, and the forward is differentiable
+through the backward op (``register_match_autograd``). They implement the op contract of
+:mod:`salign_kernels.ops._common`, the same as the C++ CPU backend:
+
+``match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode) -> (values, indices)``
+    ``s(p, q) = scale_a[p] * scale_b[q] * <xa_p, xb_q>``; ``values[p] = max`` over the candidates,
+    ``indices[p]`` the lowest q attaining it, ``-1`` / ``0`` for an invalid query.
+``match_backward(grad_values, xa, xb, scale_a, scale_b, indices) -> (grad_xa, grad_xb, grad_scale_a, grad_scale_b)``
+    The gather/scatter through ``indices``.
+
+Shapes: ``xa``, ``xb`` (B, H, W, C) contiguous in their own dtype; scales, masks, values, indices
+(B, H, W). The ops run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .._common import WINDOW_MODES, register_match_autograd, shape_values
+from . import backward as _backward
+from . import dense as _dense
+from . import window as _window
+from ._runtime import check_backward, check_forward
+
+NAMESPACE = "salign_triton"
+
+#: Whether the kernels run in Triton's interpreter (CPU tensors) rather than compiled for a GPU.
+INTERPRETED = _dense.INTERPRETED
+
+
+def _check_device(xa: torch.Tensor) -> None:
+    if xa.device.type == "cuda" or (INTERPRETED and xa.device.type == "cpu"):
+        return
+    hint = "" if INTERPRETED else " (CPU tensors need TRITON_INTERPRET=1 set before salign_kernels is imported)"
+    raise ValueError(f"{NAMESPACE}: the Triton kernels do not run on {xa.device.type} tensors{hint}")
+
+
+@torch.library.custom_op(f"{NAMESPACE}::match_forward", mutates_args=())
+def match_forward(
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    mask_a: Optional[torch.Tensor],
+    mask_b: Optional[torch.Tensor],
+    window: int,
+    mode: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best candidate of every query: dense (``window == 0``) or windowed. See the module docstring."""
+    check_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode)
+    _check_device(xa)
+    if window == 0:
+        return _dense.dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
+    return _window.window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode)
+
+
+@match_forward.register_fake
+def _match_forward_fake(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode):
+    return shape_values(xa)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::match_backward", mutates_args=())
+def match_backward(
+    grad_values: torch.Tensor,
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    indices: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum(grad_values * values)`` w.r.t. ``xa``, ``xb``, ``scale_a``, ``scale_b``."""
+    check_backward(grad_values, xa, xb, scale_a, scale_b, indices)
+    _check_device(xa)
+    return _backward.match_backward(grad_values, xa, xb, scale_a, scale_b, indices)
+
+
+@match_backward.register_fake
+def _match_backward_fake(grad_values, xa, xb, scale_a, scale_b, indices):
+    return (
+        torch.empty_like(xa),
+        torch.empty_like(xb),
+        torch.empty_like(scale_a),
+        torch.empty_like(scale_b),
+    )
+
+
+register_match_autograd(match_forward, torch.ops.salign_triton.match_backward)
+
+__all__ = ["match_forward", "match_backward", "INTERPRETED", "WINDOW_MODES"]

@@ -1,0 +1,147 @@
+"""Windowed matching on the GPU: sliding (centred k x k neighbourhood) and partition (same k x k tile).
+
+Kernel -> launcher. A window holds at most k^2 candidates (49 for k = 7), far too few for a matrix
+product to pay off: the op is bandwidth-bound. A program takes a 2-D tile of ``TILE_H x TILE_W``
+queries, keeps their C-vectors resident, and walks the k^2 window offsets; the candidate rows it
+loads for one offset are the halo of the tile shifted by that offset, so neighbouring offsets hit
+the same cache lines and every feature is read from memory about once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import WINDOW_MODES
+from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
+
+
+@triton.jit
+def _window_match_fwd_kernel(
+    xa_ptr, xb_ptr, sa_ptr, sb_ptr, ma_ptr, mb_ptr, values_ptr, indices_ptr,
+    H, W, C, WINDOW, TILES_W,
+    PARTITION: tl.constexpr, HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr,
+    IS_F64: tl.constexpr,
+):
+    # Forward of  values[p] = max_{q in Q(p)} sa[p] * sb[q] * <xa_p, xb_q>,  indices[p] = lowest such q,
+    # Q(p) = the k x k neighbourhood of p clipped to the map (sliding), or p's k x k tile (partition),
+    # less the candidates masked out in b.
+    # Gradient (backward kernels, through the saved indices): with q = indices[p], d_p = <xa_p, xb_q>,
+    #   d values[p] / d xa_p = sa[p] sb[q] xb_q,   d values[p] / d xb_q = sa[p] sb[q] xa_p,
+    #   d values[p] / d sa[p] = sb[q] d_p,         d values[p] / d sb[q] = sa[p] d_p;
+    # exactly what autograd gives the windowed max of the reference.
+    #
+    # The offsets j = 0 .. k^2 - 1 are walked row-major, i.e. in increasing candidate index, and a
+    # candidate replaces the best only when strictly greater, so ties keep the lowest index.
+    # sa[p] > 0 multiplies once at the end (same maximiser as multiplying every candidate).
+    # Grid: (cdiv(H, TILE_H) * cdiv(W, TILE_W), B).
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    N = H * W
+    base = batch * N
+    q = tl.arange(0, TILE_H * TILE_W)
+    h = (pid // TILES_W) * TILE_H + q // TILE_W
+    w = (pid % TILES_W) * TILE_W + q % TILE_W
+    row_ok = (h < H) & (w < W)
+    p = h * W + w
+    cs = tl.arange(0, BLOCK_C)
+    a_rows = xa_ptr + (base + p.to(tl.int64))[:, None] * C
+    if SINGLE_C:
+        a_res = tl.load(a_rows + cs[None, :], mask=row_ok[:, None] & (cs < C)[None, :], other=0.0)
+    if PARTITION:
+        top = (h // WINDOW) * WINDOW
+        left = (w // WINDOW) * WINDOW
+    else:
+        top = h - WINDOW // 2
+        left = w - WINDOW // 2
+
+    if IS_F64:
+        best = tl.full([TILE_H * TILE_W], float("-inf"), tl.float64)
+    else:
+        best = tl.full([TILE_H * TILE_W], float("-inf"), tl.float32)
+    best_idx = tl.full([TILE_H * TILE_W], -1, tl.int32)
+
+    for j in range(0, WINDOW * WINDOW):
+        ch = top + j // WINDOW
+        cw = left + j % WINDOW
+        ok = row_ok & (ch >= 0) & (ch < H) & (cw >= 0) & (cw < W)
+        cq = ch * W + cw
+        if HAS_MASK_B:
+            ok = ok & (tl.load(mb_ptr + base + cq, mask=ok, other=0) != 0)
+        b_rows = xb_ptr + (base + cq.to(tl.int64))[:, None] * C
+        if IS_F64:
+            d = tl.zeros([TILE_H * TILE_W], tl.float64)
+        else:
+            d = tl.zeros([TILE_H * TILE_W], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cs
+            if SINGLE_C:
+                a = a_res
+            else:
+                a = tl.load(a_rows + cc[None, :], mask=row_ok[:, None] & (cc < C)[None, :], other=0.0)
+            bv = tl.load(b_rows + cc[None, :], mask=ok[:, None] & (cc < C)[None, :], other=0.0)
+            if IS_F64:
+                d += tl.sum(a.to(tl.float64) * bv.to(tl.float64), axis=1)
+            else:
+                d += tl.sum(a.to(tl.float32) * bv.to(tl.float32), axis=1)
+        s = d * tl.load(sb_ptr + base + cq, mask=ok, other=0.0)
+        # Strictly greater wins; NaN beats any number and the first NaN stays; the first candidate
+        # is taken even at -inf (raw features with infinities).
+        better = (s > best) | ((s != s) & (best == best)) | (best_idx < 0)
+        better = better & ok
+        best = tl.where(better, s, best)
+        best_idx = tl.where(better, cq, best_idx)
+
+    valid = row_ok & (best_idx >= 0)
+    if HAS_MASK_A:
+        valid = valid & (tl.load(ma_ptr + base + p, mask=row_ok, other=0) != 0)
+    sa = tl.load(sa_ptr + base + p, mask=row_ok, other=0.0)
+    tl.store(values_ptr + base + p, tl.where(valid, tl.where(valid, best, 0.0) * sa, 0.0), mask=row_ok)
+    tl.store(indices_ptr + base + p, tl.where(valid, best_idx, -1).to(tl.int64), mask=row_ok)
+
+
+INTERPRETED = is_interpreted(_window_match_fwd_kernel)
+
+
+def query_tile(H: int, W: int, C: int, interpreted: bool):
+    """(TILE_H, TILE_W): a 2-D tile of about 64 queries (128 for narrow C), as square as the map allows.
+
+    Wide and short maps (1 x N) get a 1 x 64 strip, tall and narrow ones a 64 x 1 column.
+    """
+    target = 32 if interpreted else (128 if C <= 64 else 64)
+    tile_w = min(next_power_of_2(W), 16 if H > 1 else target)
+    tile_h = min(next_power_of_2(H), max(1, target // tile_w))
+    return tile_h, tile_w
+
+
+def block_c(C: int) -> int:
+    """Channel chunk: all of C up to 128 (resident), else 64-wide chunks."""
+    padded = next_power_of_2(C)
+    return padded if padded <= 128 else 64
+
+
+def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window: int, mode: int):
+    """Launch the window kernel. Arguments as the op contract; returns ``(values, indices)`` (B, H, W).
+
+    ``window`` >= 1 (odd when sliding), ``mode`` a value of :data:`WINDOW_MODES`; checked by the op.
+    """
+    B, H, W, C = xa.shape
+    flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
+    values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
+    indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
+    TILE_H, TILE_W = query_tile(H, W, C, INTERPRETED)
+    BLOCK_C = block_c(C)
+    tiles_w = triton.cdiv(W, TILE_W)
+    grid = (triton.cdiv(H, TILE_H) * tiles_w, B)
+    _window_match_fwd_kernel[grid](
+        xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
+        values, indices, H, W, C, window, tiles_w,
+        PARTITION=mode == WINDOW_MODES["partition"],
+        HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None,
+        TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_C=BLOCK_C, SINGLE_C=C <= BLOCK_C,
+        IS_F64=flags["IS_F64"],
+        num_warps=4,
+    )
+    return values, indices
