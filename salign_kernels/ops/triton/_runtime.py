@@ -16,6 +16,9 @@ import triton
 from ..._dtypes import SUPPORTED_DTYPES, accumulation_dtype
 from .._common import WINDOW_MODES
 
+#: Pixels per map must stay below this: the kernels keep pixel indices in int32 with a flag bit.
+MAX_PIXELS = 2**30
+
 
 def is_interpreted(kernel) -> bool:
     """Whether ``kernel`` (a ``@triton.jit`` function) runs in Triton's interpreter.
@@ -72,8 +75,8 @@ def check_features(name: str, x, like: Optional[torch.Tensor] = None) -> None:
         _fail(ValueError, f"{name} must not be empty; got shape {tuple(x.shape)}")
     if not x.is_contiguous():
         _fail(ValueError, f"{name} must be contiguous (B, H, W, C); got strides {x.stride()}")
-    if x.shape[1] * x.shape[2] >= 2**31:
-        _fail(ValueError, f"{name} has H * W = {x.shape[1] * x.shape[2]} pixels; at most 2**31 - 1 are supported")
+    if x.shape[1] * x.shape[2] >= MAX_PIXELS:
+        _fail(ValueError, f"{name} has H * W = {x.shape[1] * x.shape[2]} pixels; at most {MAX_PIXELS - 1} are supported")
     if like is not None:
         if x.shape != like.shape:
             _fail(ValueError, f"{name} must have shape {tuple(like.shape)}; got {tuple(x.shape)}")

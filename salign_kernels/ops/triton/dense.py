@@ -14,14 +14,10 @@ import triton.language as tl
 
 from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
 
-# Largest column index + 1 in a tile reduction: "no hit".
+# Index keys of the tile reduction: a NaN column keeps its index q < 2**30, a column at the row's
+# max becomes q + _SHIFT, anything else _NO_HIT. So N must stay below 2**30 (checked by the op).
+_SHIFT = 2**30
 _NO_HIT = 2**31 - 1
-
-
-@triton.jit
-def _nan_max(a, b):
-    """max that propagates NaN (``torch.max`` semantics): a NaN similarity wins the max."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -96,16 +92,22 @@ def _dense_match_fwd_kernel(
         bias = tl.where(col_ok, 0.0, float("-inf"))
         s = acc * sb[None, :] + bias[None, :]  # (BLOCK_M, BLOCK_N); -inf where no candidate
 
-        tile_max = tl.reduce(s, 1, _nan_max)
-        # Lowest column attaining the tile's max; in a row whose max is NaN, the lowest NaN.
-        hit = (s == tile_max[:, None]) | (s != s)
-        tile_arg = tl.min(tl.where(hit, cols[None, :], _NO_HIT), 1)
+        # Row max and the lowest column attaining it, with NaN winning as in torch.max. tl.max
+        # skips NaN (compiled and interpreted alike), so NaN is found through the index: NaN
+        # columns keep their index, columns at the max are shifted past every NaN column, and one
+        # min-reduction gives the first NaN if any, else the first maximiser.
+        tile_max = tl.max(s, 1)
+        key = tl.where(s != s, cols[None, :], tl.where(s == tile_max[:, None], cols[None, :] + _SHIFT, _NO_HIT))
+        tile_key = tl.min(key, 1)
+        tile_nan = tile_key < _SHIFT
+        tile_arg = tl.where(tile_nan, tile_key, tile_key - _SHIFT)
+        tile_max = tl.where(tile_nan, float("nan"), tile_max)
         # A row whose every candidate here is -inf (raw features with infinities) still takes one.
         first_ok = tl.min(tl.where(col_ok, cols, _NO_HIT), 0)
         tile_arg = tl.where(tile_max == float("-inf"), first_ok, tile_arg)
         # Strictly greater wins, so earlier tiles (lower indices) keep ties; NaN beats any number
         # and the first NaN stays.
-        better = (tile_max > best) | ((tile_max != tile_max) & (best == best))
+        better = (tile_max > best) | (tile_nan & (best == best))
         better = better | ((best_idx < 0) & (first_ok < _NO_HIT))
         best = tl.where(better, tile_max, best)
         best_idx = tl.where(better, tile_arg, best_idx)
@@ -154,9 +156,7 @@ def block_k(C: int, is_f64: bool) -> int:
 
 def fixed_blocks(N: int, is_f64: bool, interpreted: bool):
     """(BLOCK_M, BLOCK_N) without autotuning: small tiles for small maps, float64 and the interpreter."""
-    if is_f64 or interpreted:
-        return 16, (32 if N > 16 and not is_f64 else 16)
-    tile = min(64, max(16, next_power_of_2(N)))
+    tile = min(32 if is_f64 or interpreted else 64, max(16, next_power_of_2(N)))
     return tile, tile
 
 
