@@ -16,7 +16,6 @@ Backends load lazily: importing :mod:`salign_kernels` never compiles or probes a
 
 from __future__ import annotations
 
-import functools
 import importlib
 import types
 from dataclasses import dataclass
@@ -73,16 +72,34 @@ _REFERENCE = types.SimpleNamespace(
 )
 
 
-@functools.lru_cache(maxsize=None)
+#: name -> (module or None, status), filled once per backend by :func:`_import`.
+_LOADED: Dict[str, tuple] = {}
+
+
+@torch.compiler.assume_constant_result
+def _import(name: str) -> bool:
+    """Import the backend into ``_LOADED`` once; never raises.
+
+    torch.compile cannot trace an import: this runs for real when traced, and the dict read after
+    it is traceable, so a compiled training step has no graph break in backend selection.
+    """
+    if name not in _LOADED:
+        if name == "reference":
+            _LOADED[name] = (_REFERENCE, _REFERENCE.status())
+            return True
+        try:
+            module = importlib.import_module(_BACKEND_MODULES[name])
+        except Exception as exc:  # a missing extension or package makes the backend unavailable
+            _LOADED[name] = (None, BackendStatus(False, f"{type(exc).__name__}: {exc}"))
+        else:
+            _LOADED[name] = (module, module.status())
+    return True
+
+
 def _load(name: str):
     """The backend's module (or namespace) and its status; never raises."""
-    if name == "reference":
-        return _REFERENCE, _REFERENCE.status()
-    try:
-        module = importlib.import_module(_BACKEND_MODULES[name])
-    except Exception as exc:  # a missing extension or package makes the backend unavailable
-        return None, BackendStatus(False, f"{type(exc).__name__}: {exc}")
-    return module, module.status()
+    _import(name)
+    return _LOADED[name]
 
 
 def backends() -> Dict[str, BackendStatus]:
