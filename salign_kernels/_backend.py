@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import types
 from dataclasses import dataclass
-from typing import Dict, Union
+from typing import Dict, Tuple, Union
 
 import torch
 
@@ -72,33 +72,22 @@ _REFERENCE = types.SimpleNamespace(
 )
 
 
-#: name -> (module or None, status), filled once per backend by :func:`_import`.
-_LOADED: Dict[str, tuple] = {}
-
-
-@torch.compiler.assume_constant_result
-def _import(name: str) -> bool:
-    """Import the backend into ``_LOADED`` once; never raises.
-
-    torch.compile cannot trace an import: this runs for real when traced, and the dict read after
-    it is traceable, so a compiled training step has no graph break in backend selection.
-    """
-    if name not in _LOADED:
-        if name == "reference":
-            _LOADED[name] = (_REFERENCE, _REFERENCE.status())
-            return True
-        try:
-            module = importlib.import_module(_BACKEND_MODULES[name])
-        except Exception as exc:  # a missing extension or package makes the backend unavailable
-            _LOADED[name] = (None, BackendStatus(False, f"{type(exc).__name__}: {exc}"))
-        else:
-            _LOADED[name] = (module, module.status())
-    return True
+#: name -> (module or None, status), filled on first use of each backend.
+_LOADED: Dict[str, Tuple[object, BackendStatus]] = {}
 
 
 def _load(name: str):
     """The backend's module (or namespace) and its status; never raises."""
-    _import(name)
+    if name not in _LOADED:
+        if name == "reference":
+            _LOADED[name] = (_REFERENCE, _REFERENCE.status())
+        else:
+            try:
+                module = importlib.import_module(_BACKEND_MODULES[name])
+            except Exception as exc:  # a missing extension or package makes the backend unavailable
+                _LOADED[name] = (None, BackendStatus(False, f"{type(exc).__name__}: {exc}"))
+            else:
+                _LOADED[name] = (module, module.status())
     return _LOADED[name]
 
 
@@ -112,6 +101,28 @@ def backends() -> Dict[str, BackendStatus]:
     return {name: _load(name)[1] for name in ("reference", "cpp", "triton")}
 
 
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    """The name of the backend that runs for ``backend`` on ``device_type`` tensors, loaded.
+
+    A constant for ``torch.compile``: it runs once, at trace time, so compiled code neither traces
+    the imports nor breaks its graph here.
+    """
+    device = torch.device(device_type)
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
+            module, status = _load(name)
+            if status and module.supports(device):
+                return name
+        return "reference"  # unreachable while "reference" ends every order; kept for new devices
+    module, status = _load(backend)
+    if not status:
+        raise BackendUnavailableError(f"backend={backend!r} is not available: {status.reason}")
+    if not module.supports(device):
+        raise BackendUnavailableError(f"backend={backend!r} does not run on {device_type} tensors")
+    return backend
+
+
 def select(backend: str, device: Union[torch.device, str]):
     """The backend object that will run for ``backend`` on tensors of ``device``.
 
@@ -120,19 +131,7 @@ def select(backend: str, device: Union[torch.device, str]):
         BackendUnavailableError: ``backend`` was named explicitly and cannot run here or on ``device``.
     """
     check_choice(backend, "backend", BACKEND_NAMES)
-    device = torch.device(device)
-    if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("reference",)):
-            module, status = _load(name)
-            if status and module.supports(device):
-                return module
-        return _REFERENCE  # unreachable while "reference" ends every order; kept for new devices
-    module, status = _load(backend)
-    if not status:
-        raise BackendUnavailableError(f"backend={backend!r} is not available: {status.reason}")
-    if not module.supports(device):
-        raise BackendUnavailableError(f"backend={backend!r} does not run on {device.type} tensors")
-    return module
+    return _LOADED[_resolve(backend, torch.device(device).type)][0]
 
 
 def match_directions(impl, feat_a, feat_b, window, mode, mask_a, mask_b, normalize, symmetric):

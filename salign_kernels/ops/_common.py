@@ -53,18 +53,18 @@ def pixel_major(feat: torch.Tensor) -> torch.Tensor:
     return feat.permute(0, 2, 3, 1).contiguous()
 
 
-def pixel_scales(feat: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """``(B, C, H, W) -> (B, H, W)``: ``1 / max(||x_p||, eps)`` when normalising, else ones.
+def pixel_scales(pixels: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """``(B, H, W, C) -> (B, H, W)``: ``1 / max(||x_p||, eps)`` when normalising, else ones.
 
-    In the accumulation dtype (float32, float64 for float64) and differentiable; autocast is off so
-    half inputs still get float32 norms.
+    Takes the pixel-major features, so the norm reduces over contiguous memory. In the
+    accumulation dtype (float32, float64 for float64) and differentiable; autocast is off so half
+    inputs still get float32 norms.
     """
-    dtype = accumulation_dtype(feat.dtype)
-    B, _, H, W = feat.shape
+    dtype = accumulation_dtype(pixels.dtype)
     if not normalize:
-        return torch.ones(B, H, W, dtype=dtype, device=feat.device)
-    with torch.autocast(feat.device.type, enabled=False):
-        norms = torch.linalg.vector_norm(feat, dim=1, dtype=dtype)
+        return torch.ones(pixels.shape[:3], dtype=dtype, device=pixels.device)
+    with torch.autocast(pixels.device.type, enabled=False):
+        norms = torch.linalg.vector_norm(pixels, dim=-1, dtype=dtype)
     return norms.clamp_min(NORMALIZE_EPS).reciprocal()
 
 
@@ -76,11 +76,12 @@ def encode_window(window: Optional[int], mode: str):
 def op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
     """The forward op's arguments for one direction a -> b, from the public API's."""
     window_code, mode_code = encode_window(window, mode)
+    xa, xb = pixel_major(feat_a), pixel_major(feat_b)
     return (
-        pixel_major(feat_a),
-        pixel_major(feat_b),
-        pixel_scales(feat_a, normalize),
-        pixel_scales(feat_b, normalize),
+        xa,
+        xb,
+        pixel_scales(xa, normalize),
+        pixel_scales(xb, normalize),
         None if mask_a is None else mask_a.contiguous(),
         None if mask_b is None else mask_b.contiguous(),
         window_code,
@@ -112,3 +113,34 @@ def shape_values(xa: torch.Tensor):
     B, H, W, _ = xa.shape
     values = xa.new_empty((B, H, W), dtype=accumulation_dtype(xa.dtype))
     return values, xa.new_empty((B, H, W), dtype=torch.int64)
+
+
+def register_symmetric_autograd(forward_op, backward_op) -> None:
+    """Autograd of a fused two-direction op ``(values_ab, indices_ab, values_ba, indices_ba)``.
+
+    Its inputs are those of the one-direction op; the direction b -> a is the one-direction
+    backward with the roles of a and b swapped, and the two contributions add up.
+    """
+
+    def setup_context(ctx, inputs, output):
+        xa, xb, scale_a, scale_b = inputs[:4]
+        ctx.save_for_backward(xa, xb, scale_a, scale_b, output[1], output[3])
+        ctx.mark_non_differentiable(output[1], output[3])
+
+    def backward(ctx, grad_ab, _grad_indices_ab, grad_ba, _grad_indices_ba):
+        xa, xb, scale_a, scale_b, indices_ab, indices_ba = ctx.saved_tensors
+        ga, gb, gsa, gsb = backward_op(grad_ab.contiguous(), xa, xb, scale_a, scale_b, indices_ab)
+        gb2, ga2, gsb2, gsa2 = backward_op(grad_ba.contiguous(), xb, xa, scale_b, scale_a, indices_ba)
+        return ga + ga2, gb + gb2, gsa + gsa2, gsb + gsb2, None, None, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def backward_shapes(xa, xb, scale_a, scale_b):
+    """Gradients of the right shapes and dtypes without computing them (fake impls)."""
+    return (
+        torch.empty_like(xa, memory_format=torch.contiguous_format),
+        torch.empty_like(xb, memory_format=torch.contiguous_format),
+        torch.empty_like(scale_a, memory_format=torch.contiguous_format),
+        torch.empty_like(scale_b, memory_format=torch.contiguous_format),
+    )

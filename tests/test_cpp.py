@@ -1,0 +1,271 @@
+"""The C++ CPU backend beyond the shared conformance suite: sizes against the tiles, every kernel
+variant, determinism, torch.compile, the ops' own checks, and a property test over random problems."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import salign_kernels as sk
+from salign_kernels import reference
+from helpers import GRAD_TOLERANCE, assert_same_matches, make_features, make_mask
+
+pytestmark = pytest.mark.skipif(not sk.backends()["cpp"], reason="the C++ extension is not built")
+
+
+def compare(shape, window=None, mode="sliding", masked=True, dtype=torch.float32, seed=0, symmetric=False, normalize=True):
+    """Loss values, matches and both gradients of cpp against the reference for one problem."""
+    a, b = make_features(shape, dtype, seed=seed)
+    masks = dict(mask_a=make_mask(shape, 0.85, seed + 1), mask_b=make_mask(shape, 0.75, seed + 2)) if masked else {}
+    masks["normalize"] = normalize
+    got = sk.window_match(a, b, window, mode=mode, backend="cpp", **masks) if window else sk.dense_match(a, b, backend="cpp", **masks)
+    want = reference.match(a, b, window, mode, masks.get("mask_a"), masks.get("mask_b"), normalize)
+    assert_same_matches(got, want, a, b, normalize)
+    grads = []
+    for backend in ("cpp", "reference"):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = sk.local_alignment_loss(x, y, window=window, window_mode=mode, symmetric=symmetric, reduction="none", backend=backend, **masks)
+        upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed))
+        grads.append(torch.autograd.grad((loss * upstream).sum(), (x, y)))
+    atol, rtol = GRAD_TOLERANCE[dtype]
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 1, 1, 1),
+        (1, 3, 1, 97),   # 1 x N, prime
+        (1, 3, 97, 1),   # N x 1
+        (2, 7, 13, 11),  # primes: neither rows nor candidates fill a tile
+        (3, 5, 17, 23),  # N = 391: several panels and a ragged last one
+        (32, 4, 5, 5),   # many samples
+        (2, 300, 9, 7),  # wide features
+        (2, 1, 16, 16),  # one channel
+    ],
+)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dense_sizes_against_the_tiles(shape, symmetric):
+    # One normalised channel makes every cosine +-1: exact ties, which rounding turns into
+    # near-ties that may break either way; raw products keep the maximum unique.
+    compare(shape, symmetric=symmetric, seed=sum(shape), normalize=shape[1] > 1)
+
+
+@pytest.mark.parametrize("shape,window,mode", [
+    ((2, 5, 13, 11), 5, "sliding"),
+    ((1, 9, 1, 31), 7, "sliding"),
+    ((1, 9, 31, 1), 7, "partition"),
+    ((2, 300, 7, 9), 3, "sliding"),
+    ((2, 3, 13, 11), 6, "partition"),
+    ((2, 3, 13, 11), 13, "partition"),
+])
+def test_window_sizes(shape, window, mode):
+    compare(shape, window, mode, seed=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dense_dtypes_on_several_panels(dtype):
+    compare((2, 19, 11, 13), dtype=dtype, symmetric=True, seed=3)
+
+
+def test_many_panels_and_query_tiles():
+    # 4096 candidates and queries: several L2 blocks of panels and several tasks per sample.
+    compare((2, 16, 64, 64), masked=True, symmetric=True, seed=5)
+
+
+VARIANT_SCRIPT = """
+import torch, salign_kernels as sk
+from salign_kernels.ops import cpu
+gen = torch.Generator().manual_seed(0)
+a, b = (torch.randn(2, 21, 13, 17, generator=gen, dtype=torch.float64).to(torch.{dtype}) for _ in range(2))
+mask = torch.rand(2, 13, 17, generator=gen) > 0.3
+out = [cpu.capability()]
+for window, mode in [(None, "sliding"), (5, "sliding"), (4, "partition")]:
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = sk.local_alignment_loss(x, y, window=window, window_mode=mode, symmetric=True, mask_b=mask, backend="cpp")
+    loss.backward()
+    out.append([loss.item(), x.grad.double().sum().item(), y.grad.double().abs().sum().item()])
+print(out)
+"""
+
+
+def run_variant(capability: str, dtype: str = "float32"):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    result = subprocess.run(
+        [sys.executable, "-c", VARIANT_SCRIPT.format(dtype=dtype)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return eval(result.stdout)  # a list of floats and one string, printed by the script above
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_every_kernel_variant_gives_the_same_answer(dtype):
+    """The DEFAULT, AVX2 and AVX512 builds of the kernels agree (each where this CPU runs it)."""
+    supported = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
+    results = {}
+    for env_name, name in supported.items():
+        out = run_variant(env_name, dtype)
+        if out[0] != name:  # this CPU cannot run that variant; PyTorch fell back to a lower one
+            continue
+        results[name] = out[1:]
+    assert "DEFAULT" in results
+    baseline = results.pop("DEFAULT")
+    for name, values in results.items():
+        for got, want in zip(values, baseline):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), (5, "sliding"), (3, "partition")])
+def test_backward_is_deterministic_across_thread_counts(window, mode):
+    a, b = make_features((4, 8, 16, 16), seed=2)
+    # Few distinct candidates: many queries choose the same one, so the scatter sums are long.
+    b = b[:, :, :2, :2].repeat(1, 1, 8, 8)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            loss = sk.local_alignment_loss(x, y, window=window, window_mode=mode, symmetric=True, backend="cpp")
+            grads.append(torch.autograd.grad(loss, (x, y)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        assert torch.equal(other[0], grads[0][0]) and torch.equal(other[1], grads[0][1])
+
+
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (4, "partition")])
+def test_torch_compile_full_graph_training_step(window, mode):
+    """The loss compiles with no graph break; AOTAutograd also compiles its backward."""
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    criterion = sk.LocalAlignmentLoss(window=window, window_mode=mode, symmetric=True, backend="cpp")
+
+    def forward(x, y, mask):
+        return criterion(conv(x), conv(y), mask_b=mask)
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(2, 3, 9, 11), torch.randn(2, 3, 9, 11)
+    mask = make_mask((2, 3, 9, 11), 0.7, 3)
+    results = []
+    for fn in (compiled, forward):
+        conv.zero_grad()
+        loss = fn(x, y, mask)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in conv.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "partition")])
+def test_ops_trace_with_fake_tensors(window, mode):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a = torch.randn(2, 5, 6, 7, dtype=torch.bfloat16, requires_grad=True)
+        b = torch.randn(2, 5, 6, 7, dtype=torch.bfloat16, requires_grad=True)
+        values, indices = (sk.window_match(a, b, window, mode=mode, backend="cpp") if window
+                           else sk.dense_match(a, b, backend="cpp"))
+        assert values.shape == (2, 6, 7) and values.dtype == torch.float32 and indices.dtype == torch.int64
+        loss = sk.local_alignment_loss(a, b, window=window, window_mode=mode, symmetric=True, backend="cpp")
+        grad_a, _ = torch.autograd.grad(loss, (a, b))
+        assert grad_a.shape == a.shape and grad_a.dtype == torch.bfloat16
+
+
+# --- the ops' own checks (the public API checks first; these guard direct calls) -----------------
+
+OPS = torch.ops.salign_kernels
+
+
+def op_args(**override):
+    xa, xb = torch.randn(2, 4, 5, 3), torch.randn(2, 4, 5, 3)
+    args = dict(xa=xa, xb=xb, scale_a=torch.ones(2, 4, 5), scale_b=torch.ones(2, 4, 5), mask_a=None, mask_b=None, window=0, mode=0)
+    args.update(override)
+    return list(args.values())
+
+
+@pytest.mark.parametrize(
+    "override,error,message",
+    [
+        (dict(xa=torch.randn(2, 4, 5)), ValueError, r"xa must be pixel-major \(B, H, W, C\); got 3 dimensions"),
+        (dict(xb=torch.randn(2, 4, 5, 4)), ValueError, r"xa and xb must have the same shape"),
+        (dict(xb=torch.randn(2, 4, 5, 3, dtype=torch.float64)), TypeError, r"xa and xb must have the same dtype"),
+        (dict(xa=torch.zeros(2, 4, 5, 3, dtype=torch.int32), xb=torch.zeros(2, 4, 5, 3, dtype=torch.int32)), TypeError, r"xa must be float32, float64, float16 or bfloat16"),
+        (dict(xa=torch.randn(2, 0, 5, 3), xb=torch.randn(2, 0, 5, 3)), ValueError, r"xa must not be empty"),
+        (dict(scale_a=torch.ones(2, 4)), ValueError, r"scale_a must have shape \(B, H, W\)"),
+        (dict(scale_b=torch.ones(2, 4, 5, dtype=torch.float64)), TypeError, r"scale_b must be Float; got Double"),
+        (dict(mask_a=torch.ones(2, 4, 5)), TypeError, r"mask_a must be bool; got Float"),
+        (dict(mask_b=torch.ones(2, 5, 4, dtype=torch.bool)), ValueError, r"mask_b must have shape \(B, H, W\)"),
+        (dict(window=-1), ValueError, r"window must be 0 \(dense\) or in \[1, max\(H, W\) = 5\]; got -1"),
+        (dict(window=6), ValueError, r"window must be 0 \(dense\) or in \[1, max\(H, W\) = 5\]; got 6"),
+        (dict(window=2, mode=0), ValueError, r"window must be odd in sliding mode; got 2"),
+        (dict(window=3, mode=2), ValueError, r"mode must be 0 \(sliding\) or 1 \(partition\); got 2"),
+    ],
+)
+def test_op_checks(override, error, message):
+    with pytest.raises(error, match=message):
+        OPS.match(*op_args(**override))
+
+
+def test_symmetric_op_is_dense_only():
+    with pytest.raises(ValueError, match=r"match_symmetric fuses dense matching only"):
+        OPS.match_symmetric(*op_args(window=3, mode=1))
+
+
+@pytest.mark.parametrize(
+    "override,error,message",
+    [
+        (dict(indices=torch.full((2, 4, 5), 20)), ValueError, r"indices must lie in \[-1, H \* W = 20\)"),
+        (dict(indices=torch.full((2, 4, 5), -2)), ValueError, r"indices must lie in"),
+        (dict(indices=torch.zeros(2, 4, 5, dtype=torch.int32)), TypeError, r"indices must be int64"),
+        (dict(grad_values=torch.zeros(2, 4)), ValueError, r"grad_values must have shape"),
+        (dict(grad_values=torch.zeros(2, 4, 5, dtype=torch.float64)), TypeError, r"grad_values must be Float"),
+    ],
+)
+def test_backward_op_checks(override, error, message):
+    xa, xb, sa, sb = op_args()[:4]
+    args = dict(grad_values=torch.zeros(2, 4, 5), xa=xa, xb=xb, scale_a=sa, scale_b=sb, indices=torch.zeros(2, 4, 5, dtype=torch.long))
+    args.update(override)
+    with pytest.raises(error, match=message):
+        OPS.match_backward(*args.values())
+
+
+# --- property test --------------------------------------------------------------------------------
+
+
+@st.composite
+def problems(draw):
+    B = draw(st.integers(1, 3))
+    C = draw(st.integers(1, 40))
+    H = draw(st.integers(1, 12))
+    W = draw(st.integers(1, 12))
+    kind = draw(st.sampled_from(["dense", "sliding", "partition"]))
+    window = None
+    if kind == "sliding":
+        window = draw(st.sampled_from([k for k in (1, 3, 5, 7, 9, 11) if k <= max(H, W)]))
+    elif kind == "partition":
+        window = draw(st.integers(1, max(H, W)))
+    keep_a = draw(st.sampled_from([1.0, 0.7, 0.2, 0.0]))
+    keep_b = draw(st.sampled_from([1.0, 0.7, 0.2, 0.0]))
+    return dict(shape=(B, C, H, W), window=window, mode="partition" if kind == "partition" else "sliding",
+                keep=(keep_a, keep_b), normalize=draw(st.booleans()), seed=draw(st.integers(0, 10_000)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_property_matches_the_reference(problem):
+    shape, window, mode = problem["shape"], problem["window"], problem["mode"]
+    a, b = make_features(shape, seed=problem["seed"])
+    mask_a = make_mask(shape, problem["keep"][0], problem["seed"] + 1)
+    mask_b = make_mask(shape, problem["keep"][1], problem["seed"] + 2)
+    kw = dict(mask_a=mask_a, mask_b=mask_b, normalize=problem["normalize"])
+    got = (sk.window_match(a, b, window, mode=mode, backend="cpp", **kw) if window else sk.dense_match(a, b, backend="cpp", **kw))
+    want = reference.match(a, b, window, mode, mask_a, mask_b, problem["normalize"])
+    assert_same_matches(got, want, a, b, problem["normalize"], atol=1e-4)
