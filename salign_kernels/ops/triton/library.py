@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._common import WINDOW_MODES, register_match_autograd, shape_values
+from .._common import WINDOW_MODES, backward_shapes, register_match_autograd, shape_values
 from . import backward as _backward
 from . import dense as _dense
 from . import window as _window
@@ -81,12 +81,7 @@ def match_backward(
 
 @match_backward.register_fake
 def _match_backward_fake(grad_values, xa, xb, scale_a, scale_b, indices):
-    return (
-        torch.empty_like(xa),
-        torch.empty_like(xb),
-        torch.empty_like(scale_a),
-        torch.empty_like(scale_b),
-    )
+    return backward_shapes(xa, xb, scale_a, scale_b)
 
 
 register_match_autograd(match_forward, torch.ops.salign_triton.match_backward)
