@@ -19,7 +19,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.salign-installed
 SOURCES := pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
-.PHONY: install test demo check bench clean
+.PHONY: install test demo check bench clean gpu-check
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ demo: $(STAMP)
 
 check: $(STAMP)
 	$(PY) -m salign_kernels.check
+
+# On a GPU machine with torch (CUDA), triton, pytest and pytest-benchmark: no virtualenv, the
+# machine's python3 as it is. Runs the GPU tests and benchmarks and writes JSON into $(OUT).
+OUT ?= benchmarks/results
+gpu-check:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build *.egg-info salign_kernels/*.so .pytest_cache .benchmarks
