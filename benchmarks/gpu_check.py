@@ -8,7 +8,8 @@ network. Writes into the output folder (default ``benchmarks/results/``):
 
 - ``gpu_tests.xml``: JUnit report of ``tests/test_triton.py`` on the GPU (CUDA tensors, tensor-core
   dtypes, autotuned tiles, the large-map and memory tests);
-- ``benchmark.json``: pytest-benchmark's raw results of ``benchmarks/bench_match_gpu.py``;
+- ``benchmark.json``: pytest-benchmark's raw results of ``benchmarks/bench_match_gpu.py``, and
+  ``benchmark_rows.jsonl``, one line per timing as it is measured;
 - ``gpu_check.json`` and ``gpu_check.md``: the environment (device name, versions), the test
   counts, a table of median times and peak memory, and the issue's bars: speed-ups of ``triton``
   over the reference in the same dtype (and over ``torch.compile(reference)``), the dense bf16
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -73,13 +75,24 @@ def environment(cpu_smoke: bool) -> dict:
 
 
 def run(cmd, env, timeout, log_path):
-    """Run ``cmd`` from the repository root; its output goes to ``log_path``. Returns (rc, seconds)."""
+    """Run ``cmd`` from the repository root; its output goes to ``log_path``. Returns (rc, seconds).
+
+    At the time limit pytest gets SIGINT first, so that it still writes its reports (JUnit,
+    benchmark JSON) for what has run; it is killed if it does not stop within 30 s.
+    """
     start = time.time()
     with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            log.write(f"\n[gpu_check] timed out after {timeout} s\n")
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.write(f"\n[gpu_check] stopped at the time limit of {timeout} s\n")
             rc = 124
     return rc, round(time.time() - start, 1)
 
@@ -99,8 +112,15 @@ def junit_summary(path: str) -> dict:
     return counts
 
 
-def benchmark_rows(path: str) -> list:
-    with open(path) as f:
+def benchmark_rows(rows_path: str, raw_path: str) -> list:
+    """The timings: from the JSON lines the benchmark appends as it goes (kept when the run is
+    stopped at its time limit), else from pytest-benchmark's JSON."""
+    if os.path.exists(rows_path):
+        with open(rows_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if not os.path.exists(raw_path):
+        return []
+    with open(raw_path) as f:
         data = json.load(f)
     rows = []
     for bench in data.get("benchmarks", []):
@@ -134,6 +154,11 @@ def bars(rows: list, peak_tflops) -> list:
         results.append(dict(bar="dense bf16 forward TFLOP/s", value=tflops, unit="TFLOP/s", minimum=None, met=None))
         results.append(dict(bar="dense bf16 forward fraction of the dense bf16 peak", value=fraction, unit="",
                             minimum=PEAK_FRACTION_BAR, met=None if fraction is None else fraction >= PEAK_FRACTION_BAR))
+    for dtype in ("bfloat16", "float32"):  # informs the choice of the symmetric default, no bar
+        fused = median("triton", dtype, "dense_symmetric", "full")
+        two = median("triton_two_pass", dtype, "dense_symmetric", "full")
+        results.append(dict(bar=f"dense symmetric {dtype} fwd+bwd: two passes / fused pass",
+                            value=two / fused if two and fused else None, unit="x", minimum=None, met=None))
     large = [r for r in rows if (r["provider"], r["case"], r["mode"]) == ("triton", "dense_large", "full")]
     results.append(dict(bar="(4, 128, 256, 256) bf16 fwd+bwd completes", value=large[0]["median_ms"] if large else None,
                         unit="ms", minimum=None, met=bool(large)))
@@ -177,8 +202,8 @@ def main(argv=None) -> int:
                         help="dry run on CPU through Triton's interpreter, tiny shapes: checks this script, measures nothing")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
-    parser.add_argument("--tests-timeout", type=int, default=330, help="seconds for the GPU tests")
-    parser.add_argument("--bench-timeout", type=int, default=330, help="seconds for the benchmarks")
+    parser.add_argument("--tests-timeout", type=int, default=270, help="seconds for the GPU tests")
+    parser.add_argument("--bench-timeout", type=int, default=270, help="seconds for the benchmarks")
     args = parser.parse_args(argv)
 
     out = os.path.abspath(args.out)
@@ -213,13 +238,16 @@ def main(argv=None) -> int:
 
     if not args.skip_bench:
         raw = os.path.join(out, "benchmark.json")
-        if os.path.exists(raw):
-            os.remove(raw)
+        rows_path = os.path.join(out, "benchmark_rows.jsonl")
+        for stale in (raw, rows_path):
+            if os.path.exists(stale):
+                os.remove(stale)
+        env["SALIGN_BENCH_ROWS"] = rows_path
         cmd = [sys.executable, "-m", "pytest", "benchmarks/bench_match_gpu.py", "-q", "-p", "no:cacheprovider",
                f"--benchmark-json={raw}", "--benchmark-disable-gc", "--benchmark-columns=min,median,max,rounds"]
         rc, seconds = run(cmd, env, args.bench_timeout, os.path.join(out, "benchmark.log"))
         report["benchmark_run"] = dict(returncode=rc, seconds=seconds)
-        rows = benchmark_rows(raw) if os.path.exists(raw) else []
+        rows = benchmark_rows(rows_path, raw)
         report["benchmarks"] = rows
         report["bars"] = bars(rows, report["environment"].get("bf16_peak_tflops"))
         print(f"benchmarks: rc={rc} in {seconds} s, {len(rows)} timings")

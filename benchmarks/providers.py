@@ -11,6 +11,10 @@ same way for every implementation:
   ``(chunk x N)`` block of similarities exists at a time: what a careful PyTorch user would write
   to fit large maps in memory. Windowed problems fall back to the plain reference.
 - ``triton``: :func:`salign_kernels.local_alignment_loss` with ``backend="triton"``.
+- ``triton_two_pass``: the symmetric loss from two one-way Triton passes, to compare with the fused
+  symmetric pass that ``triton`` uses for dense matching (the same as ``triton`` when one-way).
+
+``symmetric=True`` gives the loss of both directions (a -> b and b -> a, averaged).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from salign_kernels import reference
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-PROVIDERS = ("reference", "reference_compiled", "reference_chunked", "triton")
+PROVIDERS = ("reference", "reference_compiled", "reference_chunked", "triton", "triton_two_pass")
 
 
 def chunked_dense_match(feat_a, feat_b, chunk: int = 2048, normalize: bool = True):
@@ -44,19 +48,34 @@ def chunked_dense_match(feat_a, feat_b, chunk: int = 2048, normalize: bool = Tru
     return torch.cat(values, 1).view(B, H, W), torch.cat(indices, 1).view(B, H, W)
 
 
-def make_loss(provider: str, window: Optional[int] = None, mode: str = "sliding", compile_backend: str = "inductor") -> Loss:
-    """The provider's one-way loss for a problem; ``compile_backend`` only for ``reference_compiled``."""
+def make_loss(provider: str, window: Optional[int] = None, mode: str = "sliding", compile_backend: str = "inductor",
+              symmetric: bool = False) -> Loss:
+    """The provider's loss for a problem; ``compile_backend`` only for ``reference_compiled``."""
     if provider == "reference":
-        return lambda a, b: reference.local_alignment_loss(a, b, window, mode)
+        return lambda a, b: reference.local_alignment_loss(a, b, window, mode, symmetric)
     if provider == "reference_compiled":
-        fn = lambda a, b: reference.local_alignment_loss(a, b, window, mode)  # noqa: E731
+        fn = lambda a, b: reference.local_alignment_loss(a, b, window, mode, symmetric)  # noqa: E731
         return torch.compile(fn, backend=compile_backend, dynamic=False)
     if provider == "reference_chunked":
         if window is not None:
-            return make_loss("reference", window, mode)
+            return make_loss("reference", window, mode, symmetric=symmetric)
+        if symmetric:
+            return lambda a, b: reference.alignment_loss([chunked_dense_match(a, b), chunked_dense_match(b, a)])
         return lambda a, b: reference.alignment_loss([chunked_dense_match(a, b)])
     if provider == "triton":
-        return lambda a, b: sk.local_alignment_loss(a, b, window=window, window_mode=mode, backend="triton")
+        return lambda a, b: sk.local_alignment_loss(
+            a, b, window=window, window_mode=mode, symmetric=symmetric, backend="triton"
+        )
+    if provider == "triton_two_pass":
+        from salign_kernels.ops import triton as backend
+
+        def two_pass(a, b):
+            directions = [backend.match(a, b, window, mode, None, None, True)]
+            if symmetric:
+                directions.append(backend.match(b, a, window, mode, None, None, True))
+            return reference.alignment_loss(directions)
+
+        return two_pass
     raise ValueError(f"provider must be one of {PROVIDERS}; got {provider!r}")
 
 

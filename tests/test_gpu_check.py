@@ -65,3 +65,4 @@ def test_cpu_smoke_run(tmp_path):
     assert ratios and all(bar["value"] is not None for bar in ratios)
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     assert (tmp_path / "benchmark.json").exists() and (tmp_path / "gpu_tests.xml").exists()
+    assert len((tmp_path / "benchmark_rows.jsonl").read_text().splitlines()) == len(rows)

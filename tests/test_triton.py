@@ -124,6 +124,49 @@ def test_dtypes_with_wide_channels(device, dtype, window, mode):
     check_against_reference(device, (2, 40, 5, 9), window, mode, dtype=dtype, masked=True, seed=3)
 
 
+def _check_symmetric(device, shape, masked, seed, dtype=torch.float32):
+    from salign_kernels.ops import triton as backend
+
+    a, b = make_features(shape, dtype, seed=seed, device=device)
+    ma = make_mask(shape, 0.7, seed + 1, device) if masked else None
+    mb = make_mask(shape, 0.6, seed + 2, device) if masked else None
+    got = backend.match_symmetric(a, b, None, "sliding", ma, mb, True)
+    want = [reference.dense_match(a, b, ma, mb), reference.dense_match(b, a, mb, ma)]
+    atol = VALUE_TOLERANCE[dtype][0]
+    for (g, w), (x, y) in zip(zip(got, want), ((a, b), (b, a))):
+        assert_same_matches(tuple(t.cpu() for t in g), tuple(t.cpu() for t in w), x.cpu(), y.cpu(), atol=atol)
+    return a, b, ma, mb, got
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7, 9), (2, 3, 1, 37), (1, 17, 37, 1), (1, 130, 5, 7), (1, 1, 1, 1)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_symmetric_both_directions(device, shape, masked):
+    # b -> a comes from column maxima of a -> b's tiles, reduced across row blocks: ragged blocks,
+    # masks on both sides (a query mask in one direction is a candidate mask in the other).
+    _check_symmetric(device, shape, masked, seed=sum(shape))
+
+
+def test_fused_symmetric_agrees_with_two_passes(device, monkeypatch):
+    from salign_kernels.ops import triton as backend
+
+    shape = (2, 6, 9, 8)
+    a, b, ma, mb, fused = _check_symmetric(device, shape, True, seed=7)
+    b2 = b.clone()
+    b2[0, :, 3, 3] = float("nan")  # NaN wins in both directions
+    monkeypatch.setattr(backend, "FUSED_SYMMETRIC_MAX_BYTES", 0)  # two one-way passes
+    two_pass = backend.match_symmetric(a, b, None, "sliding", ma, mb, True)
+    for (fv, fi), (tv, ti) in zip(fused, two_pass):
+        torch.testing.assert_close(fv, tv, atol=1e-6, rtol=1e-6)
+        assert (fi != ti).float().mean() < 0.05  # near-ties only
+    monkeypatch.undo()
+    for values, indices in backend.match_symmetric(a, b2, None, "sliding", None, None, True):
+        nan_rows = torch.isnan(values)
+        assert nan_rows[0].any() and (indices[nan_rows] >= 0).all()
+    # The b -> a NaNs: every query of b's first sample whose candidate set holds the NaN pixel.
+    _, (values_ba, _) = backend.match_symmetric(a, b2, None, "sliding", None, None, True)
+    assert torch.isnan(values_ba[0, 3, 3])
+
+
 def test_feature_flags():
     from salign_kernels.ops.triton import _runtime
 
@@ -246,9 +289,9 @@ def test_backward_op_paths_agree(device, dtype):
 @pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (2, "partition")])
 def test_torch_compile_has_no_graph_break(device, window, mode):
     # A training step's forward (loss of both directions, with masks); backward runs through the
-    # compiled graph. fullgraph=True raises at the first graph break. Under the interpreter the
-    # graph goes to aot_eager (Dynamo + AOTAutograd + the fake implementations, without compiling
-    # C++); on a GPU to inductor.
+    # compiled graph. fullgraph=True raises at the first graph break. The graph goes to aot_eager
+    # (Dynamo + AOTAutograd + the fake implementations, without compiling C++ under the
+    # interpreter), and the dense case on a GPU to inductor.
     shape = (2, 4, 6, 5)
     a, b = make_features(shape, seed=31, device=device)
     mask_b = make_mask(shape, 0.8, 5, device)
@@ -259,7 +302,8 @@ def test_torch_compile_has_no_graph_break(device, window, mode):
         )
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    inductor = device == "cuda" and window is None  # one inductor compile is enough on a GPU
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if inductor else "aot_eager")
     results = []
     for fn in (compiled, step):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
@@ -384,6 +428,14 @@ def test_import_never_fails_without_triton():
 def test_cuda_dense_autotuned(dtype, masked):
     # N = 4096 >= AUTOTUNE_MIN_PIXELS: the autotuned kernel, tensor-core bf16/fp16 tl.dot.
     check_against_reference("cuda", (2, 64, 64, 64), None, dtype=dtype, masked=masked, seed=41)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_fused_symmetric_autotuned(dtype, masked):
+    _check_symmetric("cuda", (2, 64, 64, 72), masked, seed=46, dtype=dtype)
 
 
 @pytest.mark.gpu

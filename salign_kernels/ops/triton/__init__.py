@@ -1,7 +1,7 @@
 """The Triton backend: fused matching kernels for CUDA tensors (CPU tensors through the interpreter).
 
-A backend module of :mod:`salign_kernels._backend`: ``name``, ``status()``, ``supports(device)`` and
-``match(...)``. The kernels live one op per file: :mod:`.dense` (the streaming (max, argmax) over
+A backend module of :mod:`salign_kernels._backend`: ``name``, ``status()``, ``supports(device)``,
+``match(...)`` and ``match_symmetric(...)``. The kernels live one op per file: :mod:`.dense` (the streaming (max, argmax) over
 all candidates), :mod:`.window` (sliding and partition windows), :mod:`.backward` (gather/scatter
 through the saved indices); :mod:`.library` registers them as the ``torch.ops.salign_triton`` ops.
 
@@ -67,3 +67,33 @@ def match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
     return torch.ops.salign_triton.match_forward(
         *op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
     )
+
+
+#: The fused symmetric pass keeps per-row-block column partials; above this many bytes of them,
+#: the two directions run as two one-way passes instead.
+FUSED_SYMMETRIC_MAX_BYTES = 2**30
+
+
+def match_symmetric(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
+    """Both directions, ``[(values_ab, indices_ab), (values_ba, indices_ba)]``.
+
+    Dense matching takes both from one pass over the similarity tiles (the b -> a maxima are
+    column maxima of the same tiles) while its partials stay under
+    :data:`FUSED_SYMMETRIC_MAX_BYTES`; windowed matching, and larger problems, run two passes.
+    """
+    if _library is None:
+        raise RuntimeError(status().reason)
+    B, _, H, W = feat_a.shape
+    fused = window is None and (
+        _library.symmetric_partial_bytes(B, H * W, feat_a.dtype) <= FUSED_SYMMETRIC_MAX_BYTES
+    )
+    if not fused:
+        return [
+            match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize),
+            match(feat_b, feat_a, window, mode, mask_b, mask_a, normalize),
+        ]
+    xa, xb, scale_a, scale_b, mask_a, mask_b, _, _ = op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
+    values_ab, indices_ab, values_ba, indices_ba = torch.ops.salign_triton.match_symmetric_forward(
+        xa, xb, scale_a, scale_b, mask_a, mask_b
+    )
+    return [(values_ab, indices_ab), (values_ba, indices_ba)]

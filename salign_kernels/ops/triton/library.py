@@ -8,6 +8,9 @@ through the backward op (``register_match_autograd``). They implement the op con
 ``match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode) -> (values, indices)``
     ``s(p, q) = scale_a[p] * scale_b[q] * <xa_p, xb_q>``; ``values[p] = max`` over the candidates,
     ``indices[p]`` the lowest q attaining it, ``-1`` / ``0`` for an invalid query.
+``match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b) -> (values_ab, indices_ab, values_ba, indices_ba)``
+    Dense matching in both directions from one pass over the similarity tiles (b -> a: queries in
+    b, candidates in a, masks swapped).
 ``match_backward(grad_values, xa, xb, scale_a, scale_b, indices) -> (grad_xa, grad_xb, grad_scale_a, grad_scale_b)``
     The gather/scatter through ``indices``.
 
@@ -21,7 +24,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._common import WINDOW_MODES, backward_shapes, register_match_autograd, shape_values
+from .._common import (
+    WINDOW_MODES,
+    backward_shapes,
+    register_match_autograd,
+    register_symmetric_autograd,
+    shape_values,
+)
 from . import backward as _backward
 from . import dense as _dense
 from . import window as _window
@@ -31,6 +40,7 @@ NAMESPACE = "salign_triton"
 
 #: Whether the kernels run in Triton's interpreter (CPU tensors) rather than compiled for a GPU.
 INTERPRETED = _dense.INTERPRETED
+symmetric_partial_bytes = _dense.symmetric_partial_bytes
 
 
 def _check_device(xa: torch.Tensor) -> None:
@@ -64,6 +74,26 @@ def _match_forward_fake(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode):
     return shape_values(xa)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::match_symmetric_forward", mutates_args=())
+def match_symmetric_forward(
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    mask_a: Optional[torch.Tensor],
+    mask_b: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense matching a -> b and b -> a from one pass. See the module docstring."""
+    check_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, 0, WINDOW_MODES["sliding"])
+    _check_device(xa)
+    return _dense.dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
+
+
+@match_symmetric_forward.register_fake
+def _match_symmetric_forward_fake(xa, xb, scale_a, scale_b, mask_a, mask_b):
+    return (*shape_values(xa), *shape_values(xb))
+
+
 @torch.library.custom_op(f"{NAMESPACE}::match_backward", mutates_args=())
 def match_backward(
     grad_values: torch.Tensor,
@@ -85,5 +115,8 @@ def _match_backward_fake(grad_values, xa, xb, scale_a, scale_b, indices):
 
 
 register_match_autograd(match_forward, torch.ops.salign_triton.match_backward)
+register_symmetric_autograd(match_symmetric_forward, torch.ops.salign_triton.match_backward)
 
-__all__ = ["match_forward", "match_backward", "INTERPRETED", "WINDOW_MODES"]
+__all__ = [
+    "match_forward", "match_symmetric_forward", "match_backward", "symmetric_partial_bytes", "INTERPRETED",
+]
