@@ -1,8 +1,8 @@
 """The Triton backend: fused matching kernels for CUDA tensors (CPU tensors through the interpreter).
 
 A backend module of :mod:`salign_kernels._backend`: ``name``, ``status()``, ``supports(device)``,
-``match(...)`` and ``match_symmetric(...)``. The kernels live one op per file: :mod:`.dense` (the streaming (max, argmax) over
-all candidates), :mod:`.window` (sliding and partition windows), :mod:`.backward` (gather/scatter
+``match(...)`` and ``match_symmetric(...)``. The kernels live one op per file: :mod:`.dense` (the
+streaming (max, argmax) over all candidates), :mod:`.window` (sliding and partition windows), :mod:`.backward` (gather/scatter
 through the saved indices); :mod:`.library` registers them as the ``torch.ops.salign_triton`` ops.
 
 Importing this package never fails: without Triton, ``status()`` says why and ``match`` raises.
@@ -38,7 +38,8 @@ def interpreted() -> bool:
 def status() -> BackendStatus:
     """Available when Triton imports and there is a CUDA device or the interpreter is on."""
     if _library is None:
-        return BackendStatus(False, f"triton is not importable ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR})")
+        reason = f"{type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
+        return BackendStatus(False, f"triton is not importable ({reason})")
     if interpreted() or torch.cuda.is_available():
         return BackendStatus(True)
     return BackendStatus(
@@ -92,8 +93,6 @@ def match_symmetric(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
             match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize),
             match(feat_b, feat_a, window, mode, mask_b, mask_a, normalize),
         ]
-    xa, xb, scale_a, scale_b, mask_a, mask_b, _, _ = op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
-    values_ab, indices_ab, values_ba, indices_ba = torch.ops.salign_triton.match_symmetric_forward(
-        xa, xb, scale_a, scale_b, mask_a, mask_b
-    )
+    arguments = op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)[:6]  # no window
+    values_ab, indices_ab, values_ba, indices_ba = torch.ops.salign_triton.match_symmetric_forward(*arguments)
     return [(values_ab, indices_ab), (values_ba, indices_ba)]

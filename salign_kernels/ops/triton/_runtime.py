@@ -76,7 +76,8 @@ def check_features(name: str, x, like: Optional[torch.Tensor] = None) -> None:
     if not x.is_contiguous():
         _fail(ValueError, f"{name} must be contiguous (B, H, W, C); got strides {x.stride()}")
     if x.shape[1] * x.shape[2] >= MAX_PIXELS:
-        _fail(ValueError, f"{name} has H * W = {x.shape[1] * x.shape[2]} pixels; at most {MAX_PIXELS - 1} are supported")
+        pixels = x.shape[1] * x.shape[2]
+        _fail(ValueError, f"{name} has H * W = {pixels} pixels; at most {MAX_PIXELS - 1} are supported")
     if like is not None:
         if x.shape != like.shape:
             _fail(ValueError, f"{name} must have shape {tuple(like.shape)}; got {tuple(x.shape)}")
@@ -113,7 +114,8 @@ def check_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window: int, mode: i
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         _fail(ValueError, f"window must be an int >= 0 (0 for dense matching); got {window!r}")
     if mode not in WINDOW_MODES.values():
-        _fail(ValueError, f"mode must be one of {sorted(WINDOW_MODES.values())} ({WINDOW_MODES}); got {mode!r}")
+        allowed = sorted(WINDOW_MODES.values())
+        _fail(ValueError, f"mode must be one of {allowed} ({WINDOW_MODES}); got {mode!r}")
     _, H, W, _ = xa.shape
     if window > max(H, W):
         _fail(ValueError, f"window must be at most max(H, W) = {max(H, W)}; got {window}")

@@ -84,7 +84,8 @@ def _match_bwd_gather_kernel(
         store_mask = row_ok[:, None] & (cs < C)[None, :]
         tl.store(ga_rows + cs[None, :], (coef[:, None] * b_res).to(gxa_ptr.dtype.element_ty), mask=store_mask)
         if ATOMIC:
-            tl.atomic_add(gb_rows + cs[None, :], coef[:, None] * a_res, mask=valid[:, None] & (cs < C)[None, :])
+            both = valid[:, None] & (cs < C)[None, :]
+            tl.atomic_add(gb_rows + cs[None, :], coef[:, None] * a_res, mask=both)
     else:
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cs

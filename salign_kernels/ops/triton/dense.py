@@ -112,7 +112,8 @@ def _dense_match_fwd_kernel(
         # columns keep their index, columns at the max are shifted past every NaN column, and one
         # min-reduction gives the first NaN if any, else the first maximiser.
         tile_max = tl.max(s, 1)
-        key = tl.where(s != s, cols[None, :], tl.where(s == tile_max[:, None], cols[None, :] + _SHIFT, _NO_HIT))
+        at_max = tl.where(s == tile_max[:, None], cols[None, :] + _SHIFT, _NO_HIT)
+        key = tl.where(s != s, cols[None, :], at_max)
         tile_key = tl.min(key, 1)
         tile_nan = tile_key < _SHIFT
         tile_arg = tl.where(tile_nan, tile_key, tile_key - _SHIFT)
@@ -130,7 +131,8 @@ def _dense_match_fwd_kernel(
         if SYMMETRIC:  # the same reduction down the columns: queries q of b, candidates p of a
             t = acc * sa_rows[:, None] + row_bias[:, None]
             col_max = tl.max(t, 0)
-            ckey = tl.where(t != t, rows[:, None], tl.where(t == col_max[None, :], rows[:, None] + _SHIFT, _NO_HIT))
+            at_max = tl.where(t == col_max[None, :], rows[:, None] + _SHIFT, _NO_HIT)
+            ckey = tl.where(t != t, rows[:, None], at_max)
             col_key = tl.min(ckey, 0)
             col_nan = col_key < _SHIFT
             col_arg = tl.where(col_nan, col_key, col_key - _SHIFT)
@@ -178,7 +180,8 @@ def _column_reduce_kernel(
     if HAS_MASK_B:
         valid = valid & (tl.load(mb_ptr + batch * N + cols, mask=col_ok, other=0) != 0)
     sb = tl.load(sb_ptr + batch * N + cols, mask=col_ok, other=0.0)
-    tl.store(values_ptr + batch * N + cols, tl.where(valid, tl.where(valid, best, 0.0) * sb, 0.0), mask=col_ok)
+    value = tl.where(valid, tl.where(valid, best, 0.0) * sb, 0.0)
+    tl.store(values_ptr + batch * N + cols, value, mask=col_ok)
     tl.store(indices_ptr + batch * N + cols, tl.where(valid, best_idx, -1).to(tl.int64), mask=col_ok)
 
 

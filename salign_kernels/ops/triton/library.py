@@ -1,17 +1,19 @@
-"""The Triton kernels as PyTorch ops: ``torch.ops.salign_triton.match_forward`` / ``match_backward``.
+"""The Triton kernels as PyTorch ops: ``torch.ops.salign_triton.*``.
 
-Both are ``torch.library`` custom ops with fake (shape-only) implementations, so ``torch.compile``
+All three are ``torch.library`` custom ops with fake (shape-only) implementations, so ``torch.compile``
 traces a training step through them without a graph break, and the forward is differentiable
-through the backward op (``register_match_autograd``). They implement the op contract of
+through the backward op (``register_match_autograd``, ``register_symmetric_autograd``). They implement the op contract of
 :mod:`salign_kernels.ops._common`, the same as the C++ CPU backend:
 
 ``match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode) -> (values, indices)``
     ``s(p, q) = scale_a[p] * scale_b[q] * <xa_p, xb_q>``; ``values[p] = max`` over the candidates,
     ``indices[p]`` the lowest q attaining it, ``-1`` / ``0`` for an invalid query.
-``match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b) -> (values_ab, indices_ab, values_ba, indices_ba)``
+``match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)``
+``-> (values_ab, indices_ab, values_ba, indices_ba)``
     Dense matching in both directions from one pass over the similarity tiles (b -> a: queries in
     b, candidates in a, masks swapped).
-``match_backward(grad_values, xa, xb, scale_a, scale_b, indices) -> (grad_xa, grad_xb, grad_scale_a, grad_scale_b)``
+``match_backward(grad_values, xa, xb, scale_a, scale_b, indices)``
+``-> (grad_xa, grad_xb, grad_scale_a, grad_scale_b)``
     The gather/scatter through ``indices``.
 
 Shapes: ``xa``, ``xb`` (B, H, W, C) contiguous in their own dtype; scales, masks, values, indices
@@ -46,7 +48,7 @@ symmetric_partial_bytes = _dense.symmetric_partial_bytes
 def _check_device(xa: torch.Tensor) -> None:
     if xa.device.type == "cuda" or (INTERPRETED and xa.device.type == "cpu"):
         return
-    hint = "" if INTERPRETED else " (CPU tensors need TRITON_INTERPRET=1 set before salign_kernels is imported)"
+    hint = "" if INTERPRETED else " (CPU tensors need TRITON_INTERPRET=1 before salign_kernels is imported)"
     raise ValueError(f"{NAMESPACE}: the Triton kernels do not run on {xa.device.type} tensors{hint}")
 
 
