@@ -179,7 +179,7 @@ def match_backward(grad_values, xa, xb, scale_a, scale_b, indices):
         coef = torch.empty((B, N), dtype=acc_dtype, device=xa.device)
         coef_s = torch.empty((B, N), dtype=acc_dtype, device=xa.device)
     BLOCK_C = block_c(C)
-    BLOCK_P = 16 if INTERPRETED else max(16, min(64, 8192 // BLOCK_C))
+    BLOCK_P = 16 if INTERPRETED else max(16, min(64, (2048 if is_f64 else 8192) // BLOCK_C))
     _match_bwd_gather_kernel[(triton.cdiv(N, BLOCK_P), B)](
         grad_values, xa, xb, scale_a, scale_b, indices,
         grad_xa, grad_sa, grad_xb_acc, grad_sb, coef, coef_s,

@@ -241,8 +241,13 @@ def block_k(C: int, is_f64: bool) -> int:
 
 
 def fixed_blocks(N: int, is_f64: bool, interpreted: bool):
-    """(BLOCK_M, BLOCK_N) without autotuning: small tiles for small maps, float64 and the interpreter."""
-    tile = min(32 if is_f64 or interpreted else 64, max(16, next_power_of_2(N)))
+    """(BLOCK_M, BLOCK_N) without autotuning: small tiles for small maps, float64 and the interpreter.
+
+    The interpreter takes 32 x 32 (numpy is fast per op, slow per op count); a GPU takes up to
+    64 x 64, or 16 x 16 in float64, whose tiles are a (BLOCK_M, BLOCK_N, BLOCK_K) product in registers.
+    """
+    largest = 32 if interpreted else (16 if is_f64 else 64)
+    tile = min(largest, max(16, next_power_of_2(N)))
     return tile, tile
 
 

@@ -121,24 +121,27 @@ def _window_match_fwd_kernel(
 INTERPRETED = is_interpreted(_window_match_fwd_kernel)
 
 
-def query_tile(H: int, W: int, C: int, interpreted: bool):
-    """(TILE_H, TILE_W): a 2-D tile of about 64 queries (32 for wide C), as square as the map allows.
+def query_tile(H: int, W: int, C: int, interpreted: bool, is_f64: bool = False):
+    """(TILE_H, TILE_W): a 2-D tile of about 64 queries (32 for wide C or float64), as square as
+    the map allows.
 
     Wide and short maps (1 x N) get a 1 x 64 strip, tall and narrow ones a 64 x 1 column.
     """
-    target = 64 if interpreted or C <= 64 else 32
+    target = 64 if interpreted or (C <= 64 and not is_f64) else 32
     tile_w = min(next_power_of_2(W), 8 if H > 1 else target)
     tile_h = min(next_power_of_2(H), max(1, target // tile_w))
     return tile_h, tile_w
 
 
-def block_j(window: int, C: int, interpreted: bool) -> int:
+def block_j(window: int, queries: int, block_c: int, interpreted: bool, is_f64: bool = False) -> int:
     """Window offsets per step: every offset at once under the interpreter (numpy is fast per op,
-    slow per op count), a few on a GPU so that the (queries x offsets x channels) tile fits in
-    registers."""
+    slow per op count); on a GPU as many as keep the (queries x offsets x channels) tile at about
+    8K float32 (4K float64) elements, i.e. in registers."""
+    offsets = next_power_of_2(window * window)
     if interpreted:
-        return next_power_of_2(window * window)
-    return min(next_power_of_2(window * window), 4 if C <= 64 else 2)
+        return offsets
+    budget = 4096 if is_f64 else 8192
+    return max(1, min(offsets, budget // (queries * block_c)))
 
 
 def block_c(C: int) -> int:
@@ -156,9 +159,10 @@ def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window: int, 
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
-    TILE_H, TILE_W = query_tile(H, W, C, INTERPRETED)
+    is_f64 = flags["IS_F64"]
+    TILE_H, TILE_W = query_tile(H, W, C, INTERPRETED, is_f64)
     BLOCK_C = block_c(C)
-    BLOCK_J = block_j(window, C, INTERPRETED)
+    BLOCK_J = block_j(window, TILE_H * TILE_W, BLOCK_C, INTERPRETED, is_f64)
     tiles_w = triton.cdiv(W, TILE_W)
     grid = (triton.cdiv(H, TILE_H) * tiles_w, B)
     _window_match_fwd_kernel[grid](
