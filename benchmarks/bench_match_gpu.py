@@ -36,7 +36,8 @@ CASES = {
     "dense": (
         (8, 128, 128, 128), None, "sliding",
         [("triton", BF16), ("triton", FP32), ("reference", BF16), ("reference", FP32),
-         ("reference_chunked", FP32), ("reference_compiled", BF16), ("reference_compiled", FP32)],
+         ("reference_chunked", FP32), ("triton_tf32x3", FP32), ("reference_compiled", BF16),
+         ("reference_compiled", FP32)],
         MODES, 5,
     ),
     "sliding7": (

@@ -41,6 +41,8 @@ SPEEDUP_BARS = [
     ("dense bf16 fwd+bwd vs reference bf16", ("reference", "bfloat16"), ("triton", "bfloat16"), "dense", "full", 5.0),
     ("dense fp32 fwd+bwd vs reference fp32", ("reference", "float32"), ("triton", "float32"), "dense", "full", 8.0),
     ("dense bf16 fwd+bwd vs compiled reference bf16", ("reference_compiled", "bfloat16"), ("triton", "bfloat16"), "dense", "full", 1.0),
+    ("dense fp32 (opt-in 3xTF32) fwd+bwd vs reference fp32",
+     ("reference", "float32"), ("triton_tf32x3", "float32"), "dense", "full", 8.0),
     ("dense fp32 fwd+bwd vs compiled reference fp32", ("reference_compiled", "float32"), ("triton", "float32"), "dense", "full", 1.0),
     ("sliding k=7 bf16 fwd+bwd vs reference bf16", ("reference", "bfloat16"), ("triton", "bfloat16"), "sliding7", "full", 10.0),
     ("sliding k=7 fp32 fwd+bwd vs reference fp32", ("reference", "float32"), ("triton", "float32"), "sliding7", "full", 10.0),

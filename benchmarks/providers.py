@@ -11,6 +11,9 @@ same way for every implementation:
   ``(chunk x N)`` block of similarities exists at a time: what a careful PyTorch user would write
   to fit large maps in memory. Windowed problems fall back to the plain reference.
 - ``triton``: :func:`salign_kernels.local_alignment_loss` with ``backend="triton"``.
+- ``triton_tf32x3``: ``triton`` with float32 features multiplied as three TF32 products
+  (``salign_kernels.ops.triton._runtime.FP32_PRECISION = "tf32x3"``) instead of true float32
+  products: an opt-in whose speed and accuracy the GPU check measures.
 - ``triton_two_pass``: the symmetric loss from two one-way Triton passes, to compare with the fused
   symmetric pass that ``triton`` uses for dense matching (the same as ``triton`` when one-way).
 
@@ -28,7 +31,7 @@ from salign_kernels import reference
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-PROVIDERS = ("reference", "reference_compiled", "reference_chunked", "triton", "triton_two_pass")
+PROVIDERS = ("reference", "reference_compiled", "reference_chunked", "triton", "triton_tf32x3", "triton_two_pass")
 
 
 def chunked_dense_match(feat_a, feat_b, chunk: int = 2048, normalize: bool = True):
@@ -66,6 +69,19 @@ def make_loss(provider: str, window: Optional[int] = None, mode: str = "sliding"
         return lambda a, b: sk.local_alignment_loss(
             a, b, window=window, window_mode=mode, symmetric=symmetric, backend="triton"
         )
+    if provider == "triton_tf32x3":
+        from salign_kernels.ops.triton import _runtime
+
+        triton_loss = make_loss("triton", window, mode, symmetric=symmetric)
+
+        def tf32x3(a, b):
+            previous, _runtime.FP32_PRECISION = _runtime.FP32_PRECISION, "tf32x3"
+            try:
+                return triton_loss(a, b)
+            finally:
+                _runtime.FP32_PRECISION = previous
+
+        return tf32x3
     if provider == "triton_two_pass":
         from salign_kernels.ops import triton as backend
 

@@ -185,6 +185,12 @@ def test_feature_flags():
         assert _runtime.feature_flags(torch.float32, cpu, interpreted=True)["PRECISION"] == "ieee"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+    _runtime.FP32_PRECISION = "fp16"
+    try:
+        with pytest.raises(ValueError, match="FP32_PRECISION must be one of"):
+            _runtime.feature_flags(torch.float32, cpu, interpreted=True)
+    finally:
+        _runtime.FP32_PRECISION = "ieee"
 
 
 @pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (3, "partition")])
@@ -462,6 +468,22 @@ def test_cuda_tf32_only_when_allowed():
     torch.testing.assert_close(ieee, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tf32, want, atol=5e-3, rtol=5e-3)
     assert not torch.equal(ieee, tf32)  # TF32 really was used when allowed
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp32_as_three_tf32_products(monkeypatch):
+    # The opt-in FP32_PRECISION = "tf32x3": float32 accuracy from the tensor cores, checked here
+    # against a float64 reference with the float32 tolerance of the conformance tests.
+    from salign_kernels.ops.triton import _runtime
+
+    monkeypatch.setattr(_runtime, "FP32_PRECISION", "tf32x3")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert _runtime.feature_flags(torch.float32, torch.device("cuda"), False)["PRECISION"] == "tf32x3"
+    check_against_reference("cuda", (2, 128, 64, 64), None, masked=True, seed=47)
+    a, b = make_features((1, 256, 32, 32), seed=43, device="cuda")
+    want = reference.dense_match(a.double(), b.double())[0].float()
+    torch.testing.assert_close(sk.dense_match(a, b, backend="triton")[0], want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.gpu

@@ -33,6 +33,13 @@ def next_power_of_2(n: int) -> int:
     return int(triton.next_power_of_2(max(int(n), 1)))
 
 
+#: ``tl.dot``'s input precision for float32 features when TF32 is not allowed: ``"ieee"`` (true
+#: float32 products, on the CUDA cores) or ``"tf32x3"`` (three TF32 tensor-core products per
+#: tile, error near float32's; opt-in until measured: ``make gpu-check`` times and checks both).
+FP32_PRECISION = "ieee"
+FP32_PRECISIONS = ("ieee", "tf32x3")
+
+
 def feature_flags(dtype: torch.dtype, device: torch.device, interpreted: bool) -> dict:
     """Compile-time flags of the kernels for features of ``dtype`` on ``device``.
 
@@ -41,16 +48,18 @@ def feature_flags(dtype: torch.dtype, device: torch.device, interpreted: bool) -
       bfloat16, whose ``tl.dot`` it computes wrongly (float16 and float32 are right there); compiled
       kernels feed bfloat16 to the tensor cores as it is.
     - ``PRECISION``: ``tl.dot``'s ``input_precision``. It matters for float32 operands only:
-      ``"ieee"`` (true float32 products) unless ``torch.backends.cuda.matmul.allow_tf32`` allows TF32
-      on a CUDA device. Half operands go to the tensor cores as they are whatever it says, so they
-      keep Triton's default.
+      :data:`FP32_PRECISION` (``"ieee"``: true float32 products) unless
+      ``torch.backends.cuda.matmul.allow_tf32`` allows TF32 on a CUDA device. Half operands go to
+      the tensor cores as they are whatever it says, so they keep Triton's default.
     """
+    if FP32_PRECISION not in FP32_PRECISIONS:
+        raise ValueError(f"FP32_PRECISION must be one of {FP32_PRECISIONS}; got {FP32_PRECISION!r}")
     fp32_operands = dtype == torch.float32 or (interpreted and dtype == torch.bfloat16)
     allow_tf32 = device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
     return dict(
         IS_F64=dtype == torch.float64,
         UPCAST=interpreted and dtype == torch.bfloat16,
-        PRECISION="ieee" if fp32_operands and not allow_tf32 else "tf32",
+        PRECISION=FP32_PRECISION if fp32_operands and not allow_tf32 else "tf32",
     )
 
 
