@@ -1,0 +1,140 @@
+"""What the benchmarks compare: providers of the LA loss, canonical shapes, and their flop counts.
+
+A provider turns ``(feat_a, feat_b)`` into the LA loss with one implementation:
+
+- ``reference``: :mod:`salign_kernels.reference`, the plain PyTorch a user would write
+  (``bmm`` + ``max`` for dense matching, ``unfold`` for sliding windows);
+- ``reference_chunked``: the strongest pure-PyTorch alternative for dense matching, a loop over
+  query chunks whose similarity block is ``(B, chunk, N)``: memory-bounded, same flops;
+- ``reference_compiled``: ``torch.compile`` of the reference (GPU benchmarks);
+- ``cpp``, ``triton``: the compiled backends through the public API.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import salign_kernels as sk
+from salign_kernels import reference
+
+# Canonical shapes (B, C, H, W).
+CPU_DENSE_SHAPES = {"S": (16, 128, 32, 32), "M": (8, 64, 64, 64), "L": (2, 64, 128, 128)}
+CPU_WINDOW_SHAPE = (8, 64, 128, 128)
+CPU_WINDOWS = [(7, "sliding"), (15, "sliding"), (7, "partition"), (15, "partition")]
+MM_SHAPE = (4096, 512, 4096)  # the torch.mm throughput that dense matching is compared with
+
+if os.environ.get("SALIGN_BENCH_QUICK") == "1":  # tiny stand-ins that exercise the machinery only
+    CPU_DENSE_SHAPES = {"S": (2, 16, 8, 8), "M": (2, 8, 12, 12), "L": (1, 8, 16, 16)}
+    CPU_WINDOW_SHAPE = (2, 8, 16, 16)
+    MM_SHAPE = (64, 32, 64)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked problem."""
+
+    shape: tuple
+    window: Optional[int] = None
+    mode: str = "sliding"
+    symmetric: bool = False
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def label(self) -> str:
+        kind = "dense" if self.window is None else f"{self.mode} k={self.window}"
+        return kind + (" symmetric" if self.symmetric else "")
+
+    def flops(self) -> float:
+        """Multiply-adds x 2 of the similarities one forward pass needs (all directions)."""
+        B, C, H, W = self.shape
+        N = H * W
+        candidates = N if self.window is None else self.window**2
+        return 2.0 * B * N * candidates * C * (2 if self.symmetric else 1)
+
+    def reference_bytes(self) -> float:
+        """The largest tensor the reference materialises: the similarities or the unfolded windows."""
+        B, C, H, W = self.shape
+        N = H * W
+        size = torch.finfo(torch.float32).bits // 8
+        if self.window is None:
+            return B * N * N * size
+        if self.mode == "sliding":
+            return B * C * self.window**2 * N * size
+        return B * math.ceil(H / self.window) * math.ceil(W / self.window) * self.window**4 * size
+
+
+def chunked_dense_match(feat_a, feat_b, mask_a=None, mask_b=None, normalize=True, chunk=1024):
+    """Dense matching in query chunks: the same result as the reference, O(B chunk N) memory.
+
+    Autograd keeps only each chunk's inputs (views) and argmax, so the backward is chunked too.
+    """
+    B, _, H, W = feat_a.shape
+    N = H * W
+    with torch.autocast(feat_a.device.type, enabled=False):
+        xa = reference.prepare_features(feat_a, normalize).flatten(2).transpose(1, 2)  # (B, N, C)
+        xb = reference.prepare_features(feat_b, normalize).flatten(2)  # (B, C, N)
+        candidates = None if mask_b is None else mask_b.reshape(B, 1, N)
+        values, indices = [], []
+        for start in range(0, N, chunk):
+            sim = torch.bmm(xa[:, start : start + chunk], xb)  # (B, chunk, N)
+            if candidates is not None:
+                sim = sim.masked_fill(~candidates, float("-inf"))
+            v, i = sim.max(dim=-1)
+            values.append(v)
+            indices.append(i)
+        values, indices = torch.cat(values, dim=1), torch.cat(indices, dim=1)
+    valid = torch.ones(B, N, dtype=torch.bool, device=feat_a.device)
+    if candidates is not None:
+        valid = valid & candidates.any(dim=-1)
+    if mask_a is not None:
+        valid = valid & mask_a.reshape(B, N)
+    return values.masked_fill(~valid, 0.0).view(B, H, W), indices.masked_fill(~valid, -1).view(B, H, W)
+
+
+def loss_function(provider: str, case: Case) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``fn(feat_a, feat_b) -> loss`` of ``provider`` for ``case`` (mean reduction, no masks)."""
+    options = dict(window=case.window, window_mode=case.mode, symmetric=case.symmetric)
+    if provider == "reference":
+        return lambda a, b: reference.local_alignment_loss(a, b, case.window, case.mode, case.symmetric)
+    if provider == "reference_chunked":
+        if case.window is not None:
+            raise ValueError("reference_chunked implements dense matching only")
+
+        def chunked(a, b):
+            directions = [chunked_dense_match(a, b)]
+            if case.symmetric:
+                directions.append(chunked_dense_match(b, a))
+            return reference.alignment_loss(directions)
+
+        return chunked
+    if provider == "reference_compiled":
+        return torch.compile(lambda a, b: reference.local_alignment_loss(a, b, case.window, case.mode, case.symmetric))
+    if provider == "cpp_two_pass":  # symmetric as two one-way passes: the alternative to the fused pass
+        return lambda a, b: (sk.local_alignment_loss(a, b, window=case.window, window_mode=case.mode, backend="cpp")
+                             + sk.local_alignment_loss(b, a, window=case.window, window_mode=case.mode, backend="cpp")) / 2
+    return lambda a, b: sk.local_alignment_loss(a, b, backend=provider, **options)
+
+
+def make_inputs(case: Case, device="cpu", seed=0, requires_grad=True):
+    """Two random feature maps of ``case`` (standard normal, from a fixed seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    feats = []
+    for _ in range(2):
+        x = torch.randn(case.shape, generator=generator)
+        feats.append(x.to(device=device, dtype=case.dtype).requires_grad_(requires_grad))
+    return feats
+
+
+def run_mode(fn, feat_a, feat_b, mode: str):
+    """One step of ``mode``: ``"forward"`` (with autograd, as in training), ``"full"`` (forward and
+    backward). ``"backward"`` is timed by the caller around ``loss.backward()``."""
+    feat_a.grad = feat_b.grad = None
+    loss = fn(feat_a, feat_b)
+    if mode == "full":
+        loss.backward()
+    return loss
