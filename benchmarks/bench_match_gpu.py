@@ -1,14 +1,17 @@
 """GPU benchmarks of the LA / WLA loss: forward, backward and both, per provider and dtype.
 
-pytest-benchmark, one group per (case, mode); ``extra_info`` holds the case, provider, dtype, shape,
-device name, the peak memory of one step over the inputs (``torch.cuda.max_memory_allocated``) and,
-for dense cases, the flops of the similarities. Every provider's loss is checked once against the
-chunked reference before it is timed.
+pytest-benchmark on the shared providers of :mod:`benchmarks.providers`, one group per (case,
+mode); ``extra_info`` holds the case, provider, dtype, shape, device name, the peak memory of one
+step over the inputs (``torch.cuda.max_memory_allocated``) and, for dense cases, the flops of the
+similarities. Every provider's loss is checked once against the chunked reference before it is
+timed; each timing synchronises the device.
 
-Run through ``make gpu-check`` (``benchmarks/gpu_check.py``), which turns the JSON into the issue's
-ratios; each timing is also appended as one JSON line to ``$SALIGN_BENCH_ROWS`` when set, so that
-a run stopped at its time limit keeps what it measured. ``SALIGN_BENCH_SMOKE=1`` shrinks every case to a tiny CPU problem (the Triton kernels then
-need ``TRITON_INTERPRET=1``): a dry run of this file's logic, not a measurement.
+Run through ``make gpu-check`` (``benchmarks/gpu_check.py``), which turns the results into the
+Triton backend's goals; each timing is also appended as one JSON line to ``$SALIGN_BENCH_ROWS``
+when set, so that a run stopped at its time limit keeps what it measured. ``SALIGN_BENCH_SMOKE=1``
+shrinks every case to a tiny CPU problem (the Triton kernels then need ``TRITON_INTERPRET=1``): a
+dry run of this file's logic, not a measurement. It runs only when ``SALIGN_BENCH_GPU=1`` (set by
+gpu_check) or in the smoke mode, so that ``make bench`` stays a CPU benchmark.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import pytest
 import torch
 
-from providers import chunked_dense_match, dense_flops, make_loss
+from benchmarks.providers import GPU_DENSE_SHAPE, GPU_LARGE_SHAPE, Case, chunked_dense_match, loss_function, make_inputs
 from salign_kernels import reference
 
 SMOKE = os.environ.get("SALIGN_BENCH_SMOKE") == "1"
@@ -28,47 +31,53 @@ DEVICE = "cpu" if SMOKE else "cuda"
 BF16, FP32 = torch.bfloat16, torch.float32
 MODES = ("forward", "backward", "full")
 
-# name: (shape (B, C, H, W), window, mode, [(provider, dtype), ...], modes, rounds); one-way losses
-# except the cases named *_symmetric. In order of importance (the issue's bars first, then what
-# only informs a default), compiled providers last within a case: a run cut short by its time
-# limit still has the key numbers.
+pytestmark = [
+    pytest.mark.skipif(not SMOKE and os.environ.get("SALIGN_BENCH_GPU") != "1", reason="GPU benchmarks: make gpu-check"),
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# name: (shape, window, mode, symmetric, [(provider, dtype), ...], modes, rounds). In order of
+# importance (the goals first, then what only informs a default), compiled providers last within
+# a case: a run cut short by its time limit still has the key numbers.
 CASES = {
     "dense": (
-        (8, 128, 128, 128), None, "sliding",
+        GPU_DENSE_SHAPE, None, "sliding", False,
         [("triton", BF16), ("triton", FP32), ("reference", BF16), ("reference", FP32),
          ("reference_chunked", FP32), ("triton_tf32x3", FP32), ("reference_compiled", BF16),
          ("reference_compiled", FP32)],
         MODES, 5,
     ),
     "sliding7": (
-        (8, 128, 128, 128), 7, "sliding",
+        GPU_DENSE_SHAPE, 7, "sliding", False,
         [("triton", BF16), ("triton", FP32), ("reference", BF16), ("reference", FP32),
          ("reference_compiled", FP32)],
         MODES, 5,
     ),
     "dense_large": (
-        (4, 128, 256, 256), None, "sliding",
+        GPU_LARGE_SHAPE, None, "sliding", False,
         [("triton", BF16), ("reference_chunked", FP32)],
         ("forward", "full"), 3,
     ),
     "dense_symmetric": (
-        (8, 128, 128, 128), None, "sliding",
+        GPU_DENSE_SHAPE, None, "sliding", True,
         [("triton", BF16), ("triton_two_pass", BF16), ("triton", FP32), ("triton_two_pass", FP32)],
         ("forward", "full"), 5,
     ),
 }
-SMOKE_SHAPES = {"dense": (1, 8, 6, 6), "sliding7": (1, 8, 9, 9), "dense_symmetric": (1, 8, 6, 6), "dense_large": (1, 8, 8, 8)}
+SMOKE_SHAPES = {"dense": (1, 8, 6, 6), "sliding7": (1, 8, 9, 9), "dense_large": (1, 8, 8, 8),
+                "dense_symmetric": (1, 8, 6, 6)}
 
 
 def _params():
-    for case, (_, _, _, providers, modes, _) in CASES.items():
+    for name, (_, _, _, _, providers, modes, _) in CASES.items():
         for provider, dtype in providers:
             for mode in modes:
-                yield pytest.param(case, provider, dtype, mode, id=f"{case}-{provider}-{str(dtype)[6:]}-{mode}")
+                yield pytest.param(name, provider, dtype, mode, id=f"{name}-{provider}-{str(dtype)[6:]}-{mode}")
 
 
-def _shape(case):
-    return SMOKE_SHAPES[case] if SMOKE else CASES[case][0]
+def _case(name, dtype) -> Case:
+    shape, window, mode, symmetric = CASES[name][:4]
+    return Case(SMOKE_SHAPES[name] if SMOKE else shape, window, mode, symmetric, dtype)
 
 
 def _sync():
@@ -76,37 +85,29 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _symmetric(case):
-    return case.endswith("_symmetric")
+@functools.lru_cache(maxsize=None)
+def _loss(provider, name, dtype):
+    return loss_function(provider, _case(name, dtype), compile_backend="aot_eager" if SMOKE else "inductor")
 
 
 @functools.lru_cache(maxsize=None)
-def _loss(provider, window, mode, symmetric):
-    return make_loss(provider, window, mode, compile_backend="aot_eager" if SMOKE else "inductor", symmetric=symmetric)
+def _inputs(name, dtype):
+    return tuple(x.detach() for x in make_inputs(_case(name, dtype), device=DEVICE, requires_grad=False))
 
 
 @functools.lru_cache(maxsize=None)
-def _features(case, dtype):
-    generator = torch.Generator().manual_seed(0)
-    shape = _shape(case)
-    a = torch.randn(shape, generator=generator)
-    b = 0.5 * a + torch.randn(shape, generator=generator)  # nearby slices: correlated features
-    return a.to(DEVICE, dtype), b.to(DEVICE, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _expected_loss(case, dtype):
+def _expected_loss(name, dtype):
     """The loss by the chunked reference (dense) or the reference (windows), in float32."""
-    a, b = _features(case, dtype)
-    window, mode = CASES[case][1], CASES[case][2]
+    case = _case(name, dtype)
+    a, b = _inputs(name, dtype)
     with torch.no_grad():
-        if window is None:
-            directions = [chunked_dense_match(a, b)] + ([chunked_dense_match(b, a)] if _symmetric(case) else [])
+        if case.window is None:
+            directions = [chunked_dense_match(a, b)] + ([chunked_dense_match(b, a)] if case.symmetric else [])
             return float(reference.alignment_loss(directions))
-        return float(reference.local_alignment_loss(a, b, window, mode, _symmetric(case)))
+        return float(reference.local_alignment_loss(a, b, case.window, case.mode, case.symmetric))
 
 
-def _peak_memory_mb(run):
+def _peak_memory_mib(run):
     if DEVICE != "cuda":
         return None
     _sync()
@@ -118,29 +119,21 @@ def _peak_memory_mb(run):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-@pytest.mark.parametrize("case,provider,dtype,mode", list(_params()))
-def test_loss(benchmark, case, provider, dtype, mode):
-    window, window_mode, rounds = CASES[case][1], CASES[case][2], CASES[case][5]
-    shape = _shape(case)
-    loss_fn = _loss(provider, window, window_mode, _symmetric(case))
-    feat_a, feat_b = _features(case, dtype)
-
-    def leaves():
-        return feat_a.detach().requires_grad_(), feat_b.detach().requires_grad_()
+@pytest.mark.parametrize("name,provider,dtype,mode", list(_params()))
+def bench_gpu(benchmark, name, provider, dtype, mode):
+    case = _case(name, dtype)
+    rounds = CASES[name][6]
+    loss_fn = _loss(provider, name, dtype)
+    feat_a, feat_b = _inputs(name, dtype)
 
     def forward():
-        a, b = leaves()
-        loss = loss_fn(a, b)
+        loss = loss_fn(feat_a.detach().requires_grad_(), feat_b.detach().requires_grad_())
         _sync()
         return loss
 
     def full():
-        loss = forward()
-        loss.backward()
+        forward().backward()
         _sync()
-
-    def backward_setup():
-        return (forward(),), {}
 
     def backward(loss):
         loss.backward()
@@ -148,18 +141,19 @@ def test_loss(benchmark, case, provider, dtype, mode):
 
     # Correct first: the loss against the chunked reference, once per case, provider and dtype.
     got = float(forward().detach())
-    expected = _expected_loss(case, dtype)
+    expected = _expected_loss(name, dtype)
     assert abs(got - expected) <= 1e-4 * max(1.0, abs(expected)), (got, expected)
 
-    peak = _peak_memory_mb(full if mode != "forward" else forward)
-    benchmark.group = f"{case}-{mode}"
+    peak = _peak_memory_mib(full if mode != "forward" else forward)
+    benchmark.group = f"{name} {mode}"
     benchmark.extra_info.update(
-        case=case, symmetric=_symmetric(case), provider=provider, dtype=str(dtype).replace("torch.", ""), mode=mode, shape=list(shape),
-        window=window, window_mode=window_mode, device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-        peak_memory_mb=peak, flops=dense_flops(shape) if window is None else None,
+        case=name, label=case.label, provider=provider, dtype=str(dtype).replace("torch.", ""), mode=mode,
+        shape=list(case.shape), window=case.window, window_mode=case.mode, symmetric=case.symmetric,
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__,
+        peak_memory_mib=peak, gflop=case.flops() / 1e9,
     )
     if mode == "backward":
-        benchmark.pedantic(backward, setup=backward_setup, rounds=rounds, warmup_rounds=1)
+        benchmark.pedantic(backward, setup=lambda: ((forward(),), {}), rounds=rounds, warmup_rounds=1)
     elif mode == "forward":
         benchmark.pedantic(forward, rounds=rounds, warmup_rounds=1)
     else:
@@ -177,7 +171,7 @@ def _record(benchmark):
     row = dict(
         case=info["case"], provider=info["provider"], dtype=info["dtype"], mode=info["mode"], shape=info["shape"],
         median_ms=stats.median * 1e3, min_ms=stats.min * 1e3, rounds=stats.rounds,
-        peak_memory_mb=info["peak_memory_mb"], flops=info["flops"],
+        peak_memory_mib=info["peak_memory_mib"], gflop=info["gflop"],
     )
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -33,8 +33,8 @@ import time
 import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 # The bars: (name, numerator (provider, dtype), denominator (provider, dtype), case, mode, minimum).
 SPEEDUP_BARS = [
@@ -53,7 +53,7 @@ PEAK_FRACTION_BAR = 0.35
 def environment(cpu_smoke: bool) -> dict:
     import torch
 
-    from providers import bf16_peak_tflops
+    from benchmarks.providers import bf16_peak_tflops
 
     info = {
         "python": platform.python_version(),
@@ -131,7 +131,7 @@ def benchmark_rows(rows_path: str, raw_path: str) -> list:
         rows.append(dict(
             case=info.get("case"), provider=info.get("provider"), dtype=info.get("dtype"), mode=info.get("mode"),
             shape=info.get("shape"), median_ms=stats["median"] * 1e3, min_ms=stats["min"] * 1e3,
-            rounds=stats["rounds"], peak_memory_mb=info.get("peak_memory_mb"), flops=info.get("flops"),
+            rounds=stats["rounds"], peak_memory_mib=info.get("peak_memory_mib"), gflop=info.get("gflop"),
         ))
     return rows
 
@@ -150,8 +150,8 @@ def bars(rows: list, peak_tflops) -> list:
         results.append(dict(bar=name, value=ratio, unit="x", minimum=minimum,
                             met=None if ratio is None else ratio >= minimum))
     forward = [r for r in rows if (r["provider"], r["dtype"], r["case"], r["mode"]) == ("triton", "bfloat16", "dense", "forward")]
-    if forward and forward[0]["flops"]:
-        tflops = forward[0]["flops"] / (forward[0]["median_ms"] * 1e-3) / 1e12
+    if forward and forward[0]["gflop"]:
+        tflops = forward[0]["gflop"] * 1e9 / (forward[0]["median_ms"] * 1e-3) / 1e12
         fraction = tflops / peak_tflops if peak_tflops else None
         results.append(dict(bar="dense bf16 forward TFLOP/s", value=tflops, unit="TFLOP/s", minimum=None, met=None))
         results.append(dict(bar="dense bf16 forward fraction of the dense bf16 peak", value=fraction, unit="",
@@ -192,7 +192,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## Timings (median of the rounds)", "",
               "| case | mode | provider | dtype | median ms | peak memory MiB |", "|---|---|---|---|---|---|"]
     for row in sorted(report.get("benchmarks", []), key=lambda r: (r["case"], r["mode"], r["median_ms"])):
-        peak = "" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}"
+        peak = "" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"
         lines.append(f"| {row['case']} | {row['mode']} | {row['provider']} | {row['dtype']} | {row['median_ms']:.3f} | {peak} |")
     return "\n".join(lines) + "\n"
 
@@ -245,7 +245,9 @@ def main(argv=None) -> int:
             if os.path.exists(stale):
                 os.remove(stale)
         env["SALIGN_BENCH_ROWS"] = rows_path
+        env["SALIGN_BENCH_GPU"] = "1"
         cmd = [sys.executable, "-m", "pytest", "benchmarks/bench_match_gpu.py", "-q", "-p", "no:cacheprovider",
+               "-o", "python_files=bench_*.py", "-o", "python_functions=bench_*",
                f"--benchmark-json={raw}", "--benchmark-disable-gc", "--benchmark-columns=min,median,max,rounds"]
         rc, seconds = run(cmd, env, args.bench_timeout, os.path.join(out, "benchmark.log"))
         report["benchmark_run"] = dict(returncode=rc, seconds=seconds)

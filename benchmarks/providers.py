@@ -1,27 +1,25 @@
-"""Benchmark providers: the implementations compared, as functions any benchmark file can share.
+"""What the benchmarks compare: providers of the LA loss, canonical shapes, and their flop counts.
 
-A provider turns a problem (window, mode) into ``loss(feat_a, feat_b) -> scalar``, the one-way LA /
-WLA loss with ``reduction="mean"``, so that forward, backward and both together can be timed the
-same way for every implementation:
+A provider turns ``(feat_a, feat_b)`` into the LA loss with one implementation:
 
-- ``reference``: :func:`salign_kernels.reference.local_alignment_loss` in eager mode, in whatever
-  dtype the features have (it computes in float32 for half inputs, as every backend does).
-- ``reference_compiled``: the same function through ``torch.compile``.
-- ``reference_chunked``: the reference's dense matching over chunks of queries, so that only a
-  ``(chunk x N)`` block of similarities exists at a time: what a careful PyTorch user would write
-  to fit large maps in memory. Windowed problems fall back to the plain reference.
-- ``triton``: :func:`salign_kernels.local_alignment_loss` with ``backend="triton"``.
-- ``triton_tf32x3``: ``triton`` with float32 features multiplied as three TF32 products
+- ``reference``: :mod:`salign_kernels.reference`, the plain PyTorch a user would write
+  (``bmm`` + ``max`` for dense matching, ``unfold`` for sliding windows);
+- ``reference_chunked``: the strongest pure-PyTorch alternative for dense matching, a loop over
+  query chunks whose similarity block is ``(B, chunk, N)``: memory-bounded, same flops;
+- ``reference_compiled``: ``torch.compile`` of the reference (GPU benchmarks);
+- ``cpp``, ``triton``: the compiled backends through the public API;
+- ``cpp_two_pass``, ``triton_two_pass``: a symmetric loss as two one-way passes, the alternative
+  to the backend's fused symmetric pass;
+- ``triton_tf32x3``: ``triton`` with float32 features multiplied as three TF32 tensor-core products
   (``salign_kernels.ops.triton._runtime.FP32_PRECISION = "tf32x3"``) instead of true float32
   products: an opt-in whose speed and accuracy the GPU check measures.
-- ``triton_two_pass``: the symmetric loss from two one-way Triton passes, to compare with the fused
-  symmetric pass that ``triton`` uses for dense matching (the same as ``triton`` when one-way).
-
-``symmetric=True`` gives the loss of both directions (a -> b and b -> a, averaged).
 """
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -29,76 +27,144 @@ import torch
 import salign_kernels as sk
 from salign_kernels import reference
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Canonical shapes (B, C, H, W).
+CPU_DENSE_SHAPES = {"S": (16, 128, 32, 32), "M": (8, 64, 64, 64), "L": (2, 64, 128, 128)}
+CPU_WINDOW_SHAPE = (8, 64, 128, 128)
+CPU_WINDOWS = [(7, "sliding"), (15, "sliding"), (7, "partition"), (15, "partition")]
+MM_SHAPE = (4096, 512, 4096)  # the torch.mm throughput that dense matching is compared with
 
-PROVIDERS = ("reference", "reference_compiled", "reference_chunked", "triton", "triton_tf32x3", "triton_two_pass")
+# GPU cases (B, C, H, W) of the Triton backend's goals.
+GPU_DENSE_SHAPE = (8, 128, 128, 128)
+GPU_LARGE_SHAPE = (4, 128, 256, 256)  # the reference would need ~69 GB for its similarities alone
+
+if os.environ.get("SALIGN_BENCH_QUICK") == "1":  # tiny stand-ins that exercise the machinery only
+    CPU_DENSE_SHAPES = {"S": (2, 16, 8, 8), "M": (2, 8, 12, 12), "L": (1, 8, 16, 16)}
+    CPU_WINDOW_SHAPE = (2, 8, 16, 16)
+    MM_SHAPE = (64, 32, 64)
 
 
-def chunked_dense_match(feat_a, feat_b, chunk: int = 2048, normalize: bool = True):
-    """Dense matching with the reference's formulas, ``chunk`` queries at a time.
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked problem."""
 
-    Peak memory O(B * chunk * N) instead of O(B * N^2); autograd saves only each chunk's indices,
-    so the backward pass is as bounded. Shape: ``(B, C, H, W)`` -> ``(values, indices)`` ``(B, H, W)``.
+    shape: tuple
+    window: Optional[int] = None
+    mode: str = "sliding"
+    symmetric: bool = False
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def label(self) -> str:
+        kind = "dense" if self.window is None else f"{self.mode} k={self.window}"
+        return kind + (" symmetric" if self.symmetric else "")
+
+    def flops(self) -> float:
+        """Multiply-adds x 2 of the similarities one forward pass needs (all directions)."""
+        B, C, H, W = self.shape
+        N = H * W
+        candidates = N if self.window is None else self.window**2
+        return 2.0 * B * N * candidates * C * (2 if self.symmetric else 1)
+
+    def reference_bytes(self) -> float:
+        """The largest tensor the reference materialises: the similarities or the unfolded windows."""
+        B, C, H, W = self.shape
+        N = H * W
+        size = torch.finfo(torch.float32).bits // 8
+        if self.window is None:
+            return B * N * N * size
+        if self.mode == "sliding":
+            return B * C * self.window**2 * N * size
+        return B * math.ceil(H / self.window) * math.ceil(W / self.window) * self.window**4 * size
+
+
+def chunked_dense_match(feat_a, feat_b, mask_a=None, mask_b=None, normalize=True, chunk=1024):
+    """Dense matching in query chunks: the same result as the reference, O(B chunk N) memory.
+
+    Autograd keeps only each chunk's inputs (views) and argmax, so the backward is chunked too.
     """
     B, _, H, W = feat_a.shape
-    xa = reference.prepare_features(feat_a, normalize).flatten(2).transpose(1, 2)  # (B, N, C)
-    xb = reference.prepare_features(feat_b, normalize).flatten(2)  # (B, C, N)
-    values, indices = [], []
-    for start in range(0, H * W, chunk):
-        v, i = torch.bmm(xa[:, start:start + chunk], xb).max(dim=-1)
-        values.append(v)
-        indices.append(i)
-    return torch.cat(values, 1).view(B, H, W), torch.cat(indices, 1).view(B, H, W)
+    N = H * W
+    with torch.autocast(feat_a.device.type, enabled=False):
+        xa = reference.prepare_features(feat_a, normalize).flatten(2).transpose(1, 2)  # (B, N, C)
+        xb = reference.prepare_features(feat_b, normalize).flatten(2)  # (B, C, N)
+        candidates = None if mask_b is None else mask_b.reshape(B, 1, N)
+        values, indices = [], []
+        for start in range(0, N, chunk):
+            sim = torch.bmm(xa[:, start : start + chunk], xb)  # (B, chunk, N)
+            if candidates is not None:
+                sim = sim.masked_fill(~candidates, float("-inf"))
+            v, i = sim.max(dim=-1)
+            values.append(v)
+            indices.append(i)
+        values, indices = torch.cat(values, dim=1), torch.cat(indices, dim=1)
+    valid = torch.ones(B, N, dtype=torch.bool, device=feat_a.device)
+    if candidates is not None:
+        valid = valid & candidates.any(dim=-1)
+    if mask_a is not None:
+        valid = valid & mask_a.reshape(B, N)
+    return values.masked_fill(~valid, 0.0).view(B, H, W), indices.masked_fill(~valid, -1).view(B, H, W)
 
 
-def make_loss(provider: str, window: Optional[int] = None, mode: str = "sliding", compile_backend: str = "inductor",
-              symmetric: bool = False) -> Loss:
-    """The provider's loss for a problem; ``compile_backend`` only for ``reference_compiled``."""
+def loss_function(provider: str, case: Case, compile_backend: str = "inductor") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``fn(feat_a, feat_b) -> loss`` of ``provider`` for ``case`` (mean reduction, no masks).
+
+    ``compile_backend`` is the ``torch.compile`` backend of ``reference_compiled``.
+    """
+    options = dict(window=case.window, window_mode=case.mode, symmetric=case.symmetric)
     if provider == "reference":
-        return lambda a, b: reference.local_alignment_loss(a, b, window, mode, symmetric)
-    if provider == "reference_compiled":
-        fn = lambda a, b: reference.local_alignment_loss(a, b, window, mode, symmetric)  # noqa: E731
-        return torch.compile(fn, backend=compile_backend, dynamic=False)
+        return lambda a, b: reference.local_alignment_loss(a, b, case.window, case.mode, case.symmetric)
     if provider == "reference_chunked":
-        if window is not None:
-            return make_loss("reference", window, mode, symmetric=symmetric)
-        if symmetric:
-            return lambda a, b: reference.alignment_loss([chunked_dense_match(a, b), chunked_dense_match(b, a)])
-        return lambda a, b: reference.alignment_loss([chunked_dense_match(a, b)])
-    if provider == "triton":
-        return lambda a, b: sk.local_alignment_loss(
-            a, b, window=window, window_mode=mode, symmetric=symmetric, backend="triton"
+        if case.window is not None:
+            raise ValueError("reference_chunked implements dense matching only")
+
+        def chunked(a, b):
+            directions = [chunked_dense_match(a, b)]
+            if case.symmetric:
+                directions.append(chunked_dense_match(b, a))
+            return reference.alignment_loss(directions)
+
+        return chunked
+    if provider == "reference_compiled":
+        return torch.compile(
+            lambda a, b: reference.local_alignment_loss(a, b, case.window, case.mode, case.symmetric),
+            backend=compile_backend,
         )
+    if provider in ("cpp_two_pass", "triton_two_pass"):  # symmetric as two one-way passes
+        backend = provider[: -len("_two_pass")]
+        return lambda a, b: (sk.local_alignment_loss(a, b, window=case.window, window_mode=case.mode, backend=backend)
+                             + sk.local_alignment_loss(b, a, window=case.window, window_mode=case.mode, backend=backend)) / 2
     if provider == "triton_tf32x3":
         from salign_kernels.ops.triton import _runtime
-
-        triton_loss = make_loss("triton", window, mode, symmetric=symmetric)
 
         def tf32x3(a, b):
             previous, _runtime.FP32_PRECISION = _runtime.FP32_PRECISION, "tf32x3"
             try:
-                return triton_loss(a, b)
+                return sk.local_alignment_loss(a, b, backend="triton", **options)
             finally:
                 _runtime.FP32_PRECISION = previous
 
         return tf32x3
-    if provider == "triton_two_pass":
-        from salign_kernels.ops import triton as backend
-
-        def two_pass(a, b):
-            directions = [backend.match(a, b, window, mode, None, None, True)]
-            if symmetric:
-                directions.append(backend.match(b, a, window, mode, None, None, True))
-            return reference.alignment_loss(directions)
-
-        return two_pass
-    raise ValueError(f"provider must be one of {PROVIDERS}; got {provider!r}")
+    return lambda a, b: sk.local_alignment_loss(a, b, backend=provider, **options)
 
 
-def dense_flops(shape) -> float:
-    """Multiply-adds of the dense similarities as flops: ``2 * B * N^2 * C``."""
-    B, C, H, W = shape
-    return 2.0 * B * (H * W) ** 2 * C
+def make_inputs(case: Case, device="cpu", seed=0, requires_grad=True):
+    """Two random feature maps of ``case`` (standard normal, from a fixed seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    feats = []
+    for _ in range(2):
+        x = torch.randn(case.shape, generator=generator)
+        feats.append(x.to(device=device, dtype=case.dtype).requires_grad_(requires_grad))
+    return feats
+
+
+def run_mode(fn, feat_a, feat_b, mode: str):
+    """One step of ``mode``: ``"forward"`` (with autograd, as in training), ``"full"`` (forward and
+    backward). ``"backward"`` is timed by the caller around ``loss.backward()``."""
+    feat_a.grad = feat_b.grad = None
+    loss = fn(feat_a, feat_b)
+    if mode == "full":
+        loss.backward()
+    return loss
 
 
 #: Dense (non-sparse) bfloat16 tensor-core peaks in TFLOP/s, from the vendors' data sheets, by a
@@ -119,6 +185,7 @@ BF16_PEAK_TFLOPS = (
 
 
 def bf16_peak_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 tensor-core peak of a GPU named ``device_name``, or None when unknown."""
     for key, peak in BF16_PEAK_TFLOPS:
         if key in device_name:
             return peak

@@ -78,6 +78,10 @@ def main() -> int:
     print("\nbackends:")
     for name, status in salign_kernels.backends().items():
         print(f"  {name:<10} {'available' if status else 'unavailable: ' + status.reason}")
+    if salign_kernels.backends()["cpp"]:
+        from salign_kernels.ops import cpu
+
+        print(f"  cpp kernel variant in use: {cpu.capability()} (follows ATEN_CPU_CAPABILITY)")
     print(f"  auto on cpu -> {salign_kernels.resolve_backend('auto', 'cpu')}")
     if torch.cuda.is_available():
         print(f"  auto on cuda -> {salign_kernels.resolve_backend('auto', 'cuda')}")

@@ -119,3 +119,22 @@ def test_check_module_runs_and_passes():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "backends:" in result.stdout and "torch" in result.stdout
     assert "reference" in result.stdout
+
+
+def test_import_without_the_compiled_extension():
+    """A missing extension makes the cpp backend unavailable, with the reason; nothing else breaks."""
+    script = (
+        "import sys; sys.modules['salign_kernels._C'] = None\n"  # makes `import salign_kernels._C` fail
+        "import torch, salign_kernels as sk\n"
+        "status = sk.backends()['cpp']\n"
+        "assert not status and 'not built' in status.reason, status\n"
+        "assert sk.resolve_backend('auto', 'cpu') == 'reference'\n"
+        "try:\n"
+        "    sk.dense_match(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3), backend='cpp')\n"
+        "except sk.BackendUnavailableError as e:\n"
+        "    print('raised:', e)\n"
+        "print(sk.local_alignment_loss(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)).item())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "raised: backend='cpp' is not available: the C++ extension salign_kernels._C is not built" in result.stdout

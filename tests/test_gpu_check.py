@@ -10,20 +10,19 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks import gpu_check
+from benchmarks.providers import Case, bf16_peak_tflops
 
-import gpu_check  # noqa: E402
-from providers import bf16_peak_tflops, dense_flops  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _row(provider, dtype, case, mode, ms, flops=None):
-    return dict(provider=provider, dtype=dtype, case=case, mode=mode, median_ms=ms, flops=flops,
-                shape=None, min_ms=ms, rounds=1, peak_memory_mb=None)
+    return dict(provider=provider, dtype=dtype, case=case, mode=mode, median_ms=ms,
+                gflop=None if flops is None else flops / 1e9, shape=None, min_ms=ms, rounds=1, peak_memory_mib=None)
 
 
 def test_bars_arithmetic():
-    flops = dense_flops((8, 128, 128, 128))
+    flops = Case((8, 128, 128, 128)).flops()
     rows = [
         _row("reference", "bfloat16", "dense", "full", 60.0),
         _row("triton", "bfloat16", "dense", "full", 10.0),

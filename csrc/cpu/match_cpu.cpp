@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 
+#include <algorithm>
 #include <string>
 
 #include "cpu/match_kernels.h"
@@ -154,8 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_backward_cpu(
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be int64; got ", indices.scalar_type());
   const auto n = H * W;
   const auto idx = indices.contiguous();
-  const auto bad = (idx < -1).logical_or_(idx >= n).any().item<bool>();
-  TORCH_CHECK_VALUE(!bad, "indices must lie in [-1, H * W = ", n, ")");
+  const int64_t* raw = idx.const_data_ptr<int64_t>();
+  const bool in_range = std::all_of(raw, raw + idx.numel(), [n](int64_t q) { return q >= -1 && q < n; });
+  TORCH_CHECK_VALUE(in_range, "indices must lie in [-1, H * W = ", n, ")");
   const auto g = grad_values.contiguous(), a = xa.contiguous(), b = xb.contiguous();
   const auto ra = scale_a.contiguous(), rb = scale_b.contiguous();
   auto grad_xa = at::empty_like(a), grad_xb = at::empty_like(b);

@@ -1,0 +1,1 @@
+"""Benchmarks of salign_kernels: ``make bench`` (CPU) and ``make gpu-check`` (GPU)."""
