@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import gpu_check
 from benchmarks.providers import Case, bf16_peak_tflops
@@ -65,3 +66,19 @@ def test_cpu_smoke_run(tmp_path):
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     assert (tmp_path / "benchmark.json").exists() and (tmp_path / "gpu_tests.xml").exists()
     assert len((tmp_path / "benchmark_rows.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_triton_providers_agree_with_the_reference():
+    import salign_kernels as sk
+
+    if not sk.backends()["triton"]:
+        pytest.skip(f"triton unavailable: {sk.backends()['triton'].reason}")
+    from benchmarks.providers import loss_function
+    from helpers import make_features
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for case in (Case((2, 6, 5, 5), symmetric=True), Case((2, 6, 5, 5))):
+        a, b = make_features(case.shape, device=device)
+        want = loss_function("reference", case)(a, b)
+        for provider in ("triton", "triton_two_pass", "triton_tf32x3"):
+            torch.testing.assert_close(loss_function(provider, case)(a, b), want, atol=2e-5, rtol=2e-5)
