@@ -12,14 +12,14 @@ VENV ?= .venv
 VENV_ARGS ?=
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= test
+EXTRAS ?= test,triton
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.salign-installed
 SOURCES := pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
-.PHONY: install test demo check bench clean
+.PHONY: install test demo check bench clean gpu-check
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
 		--benchmark-json=$(BENCH_OUT)/cpu.json --benchmark-columns=min,median,max,rounds $(BENCH_ARGS)
 	$(PY) -m benchmarks.render $(BENCH_OUT)/cpu.json --out $(BENCH_OUT)
+
+# On a GPU machine with torch (CUDA), triton, pytest and pytest-benchmark: no virtualenv, the
+# machine's python3 as it is. Runs the GPU tests and benchmarks and writes JSON into $(OUT).
+OUT ?= benchmarks/results
+gpu-check:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build *.egg-info salign_kernels/*.so .pytest_cache .benchmarks

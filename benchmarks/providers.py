@@ -7,7 +7,12 @@ A provider turns ``(feat_a, feat_b)`` into the LA loss with one implementation:
 - ``reference_chunked``: the strongest pure-PyTorch alternative for dense matching, a loop over
   query chunks whose similarity block is ``(B, chunk, N)``: memory-bounded, same flops;
 - ``reference_compiled``: ``torch.compile`` of the reference (GPU benchmarks);
-- ``cpp``, ``triton``: the compiled backends through the public API.
+- ``cpp``, ``triton``: the compiled backends through the public API;
+- ``cpp_two_pass``, ``triton_two_pass``: a symmetric loss as two one-way passes, the alternative
+  to the backend's fused symmetric pass;
+- ``triton_tf32x3``: ``triton`` with float32 features multiplied as three TF32 tensor-core products
+  (``salign_kernels.ops.triton._runtime.FP32_PRECISION = "tf32x3"``) instead of true float32
+  products: an opt-in whose speed and accuracy the GPU check measures.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ CPU_DENSE_SHAPES = {"S": (16, 128, 32, 32), "M": (8, 64, 64, 64), "L": (2, 64, 1
 CPU_WINDOW_SHAPE = (8, 64, 128, 128)
 CPU_WINDOWS = [(7, "sliding"), (15, "sliding"), (7, "partition"), (15, "partition")]
 MM_SHAPE = (4096, 512, 4096)  # the torch.mm throughput that dense matching is compared with
+
+# GPU cases (B, C, H, W) of the Triton backend's goals.
+GPU_DENSE_SHAPE = (8, 128, 128, 128)
+GPU_LARGE_SHAPE = (4, 128, 256, 256)  # the reference would need ~69 GB for its similarities alone
 
 if os.environ.get("SALIGN_BENCH_QUICK") == "1":  # tiny stand-ins that exercise the machinery only
     CPU_DENSE_SHAPES = {"S": (2, 16, 8, 8), "M": (2, 8, 12, 12), "L": (1, 8, 16, 16)}
@@ -96,8 +105,11 @@ def chunked_dense_match(feat_a, feat_b, mask_a=None, mask_b=None, normalize=True
     return values.masked_fill(~valid, 0.0).view(B, H, W), indices.masked_fill(~valid, -1).view(B, H, W)
 
 
-def loss_function(provider: str, case: Case) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``fn(feat_a, feat_b) -> loss`` of ``provider`` for ``case`` (mean reduction, no masks)."""
+def loss_function(provider: str, case: Case, compile_backend: str = "inductor") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``fn(feat_a, feat_b) -> loss`` of ``provider`` for ``case`` (mean reduction, no masks).
+
+    ``compile_backend`` is the ``torch.compile`` backend of ``reference_compiled``.
+    """
     options = dict(window=case.window, window_mode=case.mode, symmetric=case.symmetric)
     if provider == "reference":
         return lambda a, b: reference.local_alignment_loss(a, b, case.window, case.mode, case.symmetric)
@@ -113,10 +125,25 @@ def loss_function(provider: str, case: Case) -> Callable[[torch.Tensor, torch.Te
 
         return chunked
     if provider == "reference_compiled":
-        return torch.compile(lambda a, b: reference.local_alignment_loss(a, b, case.window, case.mode, case.symmetric))
-    if provider == "cpp_two_pass":  # symmetric as two one-way passes: the alternative to the fused pass
-        return lambda a, b: (sk.local_alignment_loss(a, b, window=case.window, window_mode=case.mode, backend="cpp")
-                             + sk.local_alignment_loss(b, a, window=case.window, window_mode=case.mode, backend="cpp")) / 2
+        return torch.compile(
+            lambda a, b: reference.local_alignment_loss(a, b, case.window, case.mode, case.symmetric),
+            backend=compile_backend,
+        )
+    if provider in ("cpp_two_pass", "triton_two_pass"):  # symmetric as two one-way passes
+        backend = provider[: -len("_two_pass")]
+        return lambda a, b: (sk.local_alignment_loss(a, b, window=case.window, window_mode=case.mode, backend=backend)
+                             + sk.local_alignment_loss(b, a, window=case.window, window_mode=case.mode, backend=backend)) / 2
+    if provider == "triton_tf32x3":
+        from salign_kernels.ops.triton import _runtime
+
+        def tf32x3(a, b):
+            previous, _runtime.FP32_PRECISION = _runtime.FP32_PRECISION, "tf32x3"
+            try:
+                return sk.local_alignment_loss(a, b, backend="triton", **options)
+            finally:
+                _runtime.FP32_PRECISION = previous
+
+        return tf32x3
     return lambda a, b: sk.local_alignment_loss(a, b, backend=provider, **options)
 
 
@@ -138,3 +165,28 @@ def run_mode(fn, feat_a, feat_b, mode: str):
     if mode == "full":
         loss.backward()
     return loss
+
+
+#: Dense (non-sparse) bfloat16 tensor-core peaks in TFLOP/s, from the vendors' data sheets, by a
+#: substring of ``torch.cuda.get_device_name()``; the first match wins.
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H800", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A10G", 70.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def bf16_peak_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 tensor-core peak of a GPU named ``device_name``, or None when unknown."""
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key in device_name:
+            return peak
+    return None

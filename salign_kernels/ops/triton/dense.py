@@ -1,0 +1,338 @@
+"""Dense matching on the GPU: every pixel of ``b`` is a candidate of every pixel of ``a``.
+
+Kernel -> launcher. The kernel follows the fused-attention pattern: a program keeps a tile of
+``BLOCK_M`` queries resident, streams ``BLOCK_N``-pixel tiles of candidates through ``tl.dot`` and
+keeps a running (max, argmax) per query in float32 registers, so the ``N x N`` similarity matrix
+never exists. The backward pass does not come back here (see :mod:`.backward`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
+
+# Index keys of the tile reduction: a NaN column keeps its index q < 2**30, a column at the row's
+# max becomes q + _SHIFT, anything else _NO_HIT. So N must stay below 2**30 (checked by the op).
+_SHIFT = 2**30
+_NO_HIT = 2**31 - 1
+
+
+@triton.jit
+def _dense_match_fwd_kernel(
+    xa_ptr, xb_ptr, sa_ptr, sb_ptr, ma_ptr, mb_ptr, values_ptr, indices_ptr,
+    part_val_ptr, part_idx_ptr,  # column partials of the symmetric pass (B, cdiv(N, BLOCK_M), N)
+    N, C,
+    N_CLASS,  # shape class of N, only read by the autotuner's key
+    HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+    IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Forward of  values[p] = max_q s(p, q),  s(p, q) = sa[p] * sb[q] * <xa_p, xb_q>,
+    #             indices[p] = the lowest q attaining it.
+    # Gradient (computed by the backward kernels, through the saved indices): with q = indices[p]
+    # and d_p = <xa_p, xb_q>, values[p] = sa[p] * sb[q] * d_p is locally a product, so
+    #   d values[p] / d xa_p = sa[p] sb[q] xb_q,   d values[p] / d xb_q = sa[p] sb[q] xa_p,
+    #   d values[p] / d sa[p] = sb[q] d_p,         d values[p] / d sb[q] = sa[p] d_p,
+    # the subgradient autograd gives max(); no other candidate receives any gradient.
+    #
+    # sa[p] > 0 is a per-query constant, so the kernel maximises sb[q] * <xa_p, xb_q> over q and
+    # multiplies by sa[p] once at the end: the same maximiser, one multiply fewer per pair.
+    #
+    # SYMMETRIC also takes the direction b -> a from the same tiles: <xa_p, xb_q> is symmetric, so
+    # each tile's column maxima of sa[p] * <xa_p, xb_q> over its BLOCK_M rows (queries q of b,
+    # candidates p of a) are stored as partials, which _column_reduce_kernel combines across the
+    # row blocks in increasing order, then multiplies by sb[q]. The gradient of that direction is
+    # the same formula with a and b swapped.
+    #
+    # Layout: x*_ptr (B, N, C) pixel-major, s*_ptr / m*_ptr / values / indices (B, N).
+    # Grid: (cdiv(N, BLOCK_M), B).
+    pid_m = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    base = batch * N  # int64: B * N * C may exceed 2**31
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    ks = tl.arange(0, BLOCK_K)
+    a_rows = xa_ptr + (base + rows.to(tl.int64))[:, None] * C
+    b_base = xb_ptr + base * C
+    # Pixels of a that take part: as queries here, and as candidates of b's queries when SYMMETRIC.
+    row_in = row_ok
+    if HAS_MASK_A:
+        row_in = row_in & (tl.load(ma_ptr + base + rows, mask=row_ok, other=0) != 0)
+    if SYMMETRIC:
+        sa_rows = tl.load(sa_ptr + base + rows, mask=row_in, other=0.0)
+        row_bias = tl.where(row_in, 0.0, float("-inf"))
+        first_in = tl.min(tl.where(row_in, rows, _NO_HIT), 0)
+
+    if SINGLE_K:  # the whole C-vector of every query stays resident for the entire scan
+        a_res = tl.load(a_rows + ks[None, :], mask=row_in[:, None] & (ks < C)[None, :], other=0.0)
+        if UPCAST:
+            a_res = a_res.to(tl.float32)
+
+    if IS_F64:
+        best = tl.full([BLOCK_M], float("-inf"), tl.float64)
+    else:
+        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK_M], -1, tl.int32)
+
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        if HAS_MASK_B:
+            col_ok = col_ok & (tl.load(mb_ptr + base + cols, mask=col_ok, other=0) != 0)
+        b_rows = b_base + cols.to(tl.int64)[:, None] * C
+        if IS_F64:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            kk = k0 + ks
+            if SINGLE_K:
+                a = a_res
+            else:
+                a = tl.load(a_rows + kk[None, :], mask=row_in[:, None] & (kk < C)[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+            # Masked-out candidates load as zeros: no NaN of theirs can reach the max.
+            bt = tl.load(b_rows + kk[None, :], mask=col_ok[:, None] & (kk < C)[None, :], other=0.0)
+            if UPCAST:
+                bt = bt.to(tl.float32)
+            if IS_F64:
+                acc += tl.sum(a[:, None, :] * bt[None, :, :], axis=2)
+            else:
+                acc = tl.dot(a, tl.trans(bt), acc, input_precision=PRECISION)
+        sb = tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)
+        bias = tl.where(col_ok, 0.0, float("-inf"))
+        s = acc * sb[None, :] + bias[None, :]  # (BLOCK_M, BLOCK_N); -inf where no candidate
+
+        # Row max and the lowest column attaining it, with NaN winning as in torch.max. tl.max
+        # skips NaN (compiled and interpreted alike), so NaN is found through the index: NaN
+        # columns keep their index, columns at the max are shifted past every NaN column, and one
+        # min-reduction gives the first NaN if any, else the first maximiser.
+        tile_max = tl.max(s, 1)
+        at_max = tl.where(s == tile_max[:, None], cols[None, :] + _SHIFT, _NO_HIT)
+        key = tl.where(s != s, cols[None, :], at_max)
+        tile_key = tl.min(key, 1)
+        tile_nan = tile_key < _SHIFT
+        tile_arg = tl.where(tile_nan, tile_key, tile_key - _SHIFT)
+        tile_max = tl.where(tile_nan, float("nan"), tile_max)
+        # A row whose every candidate here is -inf (raw features with infinities) still takes one.
+        first_ok = tl.min(tl.where(col_ok, cols, _NO_HIT), 0)
+        tile_arg = tl.where(tile_max == float("-inf"), first_ok, tile_arg)
+        # Strictly greater wins, so earlier tiles (lower indices) keep ties; NaN beats any number
+        # and the first NaN stays.
+        better = (tile_max > best) | (tile_nan & (best == best))
+        better = better | ((best_idx < 0) & (first_ok < _NO_HIT))
+        best = tl.where(better, tile_max, best)
+        best_idx = tl.where(better, tile_arg, best_idx)
+
+        if SYMMETRIC:  # the same reduction down the columns: queries q of b, candidates p of a
+            t = acc * sa_rows[:, None] + row_bias[:, None]
+            col_max = tl.max(t, 0)
+            at_max = tl.where(t == col_max[None, :], rows[:, None] + _SHIFT, _NO_HIT)
+            ckey = tl.where(t != t, rows[:, None], at_max)
+            col_key = tl.min(ckey, 0)
+            col_nan = col_key < _SHIFT
+            col_arg = tl.where(col_nan, col_key, col_key - _SHIFT)
+            col_max = tl.where(col_nan, float("nan"), col_max)
+            col_arg = tl.where(col_max == float("-inf"), first_in, col_arg)  # _NO_HIT: no row takes part
+            part = (batch * tl.num_programs(0) + pid_m) * N + cols
+            tl.store(part_val_ptr + part, col_max, mask=cols < N)
+            tl.store(part_idx_ptr + part, col_arg, mask=cols < N)
+
+    valid = row_in & (best_idx >= 0)
+    sa = tl.load(sa_ptr + base + rows, mask=row_ok, other=0.0)
+    tl.store(values_ptr + base + rows, tl.where(valid, tl.where(valid, best, 0.0) * sa, 0.0), mask=row_ok)
+    tl.store(indices_ptr + base + rows, tl.where(valid, best_idx, -1).to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def _column_reduce_kernel(
+    part_val_ptr, part_idx_ptr, sb_ptr, mb_ptr, values_ptr, indices_ptr,
+    N, NUM_BLOCKS,
+    HAS_MASK_B: tl.constexpr, BLOCK: tl.constexpr, IS_F64: tl.constexpr,
+):
+    # values_ba[q] = sb[q] * max over row blocks of the partial max_p sa[p] <xa_p, xb_q>, and its
+    # lowest p: blocks are read in increasing row order and a later one wins only when strictly
+    # greater (NaN beats any number, the first NaN stays). No gradient flows here: the indices
+    # are saved and the backward op differentiates values_ba like any one-way match.
+    # Grid: (cdiv(N, BLOCK), B).
+    batch = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < N
+    if IS_F64:
+        best = tl.full([BLOCK], float("-inf"), tl.float64)
+    else:
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK], -1, tl.int32)
+    for m in range(0, NUM_BLOCKS):
+        part = (batch * NUM_BLOCKS + m) * N + cols
+        v = tl.load(part_val_ptr + part, mask=col_ok, other=float("-inf"))
+        i = tl.load(part_idx_ptr + part, mask=col_ok, other=_NO_HIT)
+        has = i != _NO_HIT
+        better = (v > best) | ((v != v) & (best == best)) | (best_idx < 0)
+        better = better & has
+        best = tl.where(better, v, best)
+        best_idx = tl.where(better, i, best_idx)
+    valid = col_ok & (best_idx >= 0)
+    if HAS_MASK_B:
+        valid = valid & (tl.load(mb_ptr + batch * N + cols, mask=col_ok, other=0) != 0)
+    sb = tl.load(sb_ptr + batch * N + cols, mask=col_ok, other=0.0)
+    value = tl.where(valid, tl.where(valid, best, 0.0) * sb, 0.0)
+    tl.store(values_ptr + batch * N + cols, value, mask=col_ok)
+    tl.store(indices_ptr + batch * N + cols, tl.where(valid, best_idx, -1).to(tl.int64), mask=col_ok)
+
+
+INTERPRETED = is_interpreted(_dense_match_fwd_kernel)
+
+# Autotuned block sizes per shape class (N_CLASS, C, dtypes, flags). Configs that do not fit a GPU's
+# shared memory fail to compile and are skipped by the autotuner.
+_TUNE_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+]
+_TUNED_KERNEL = None if INTERPRETED else triton.autotune(
+    configs=_TUNE_CONFIGS,
+    key=["N_CLASS", "C", "HAS_MASK_A", "HAS_MASK_B", "BLOCK_K", "IS_F64", "PRECISION"],
+)(_dense_match_fwd_kernel)
+
+
+def _symmetric_configs(block_m: int):
+    return [
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    ]
+
+
+# The symmetric pass fixes BLOCK_M, which sizes its partials: 128 rows for half features, 64 for
+# float32 (its tiles take twice the shared memory). The rest is autotuned as above.
+_TUNED_SYMMETRIC = None if INTERPRETED else {
+    block_m: triton.autotune(
+        configs=_symmetric_configs(block_m),
+        key=["N_CLASS", "C", "HAS_MASK_A", "HAS_MASK_B", "BLOCK_K", "IS_F64", "PRECISION"],
+    )(_dense_match_fwd_kernel)
+    for block_m in (64, 128)
+}
+
+#: Below this many pixels per map a fixed tile is used (no autotuning: small maps are launch-bound).
+AUTOTUNE_MIN_PIXELS = 4096
+
+
+def shape_class(n: int) -> int:
+    """The autotuner's bucket for N: the power of two at or above it."""
+    return next_power_of_2(n)
+
+
+def block_k(C: int, is_f64: bool) -> int:
+    """Width of the channel chunk: all of C (>= 16 for ``tl.dot``) up to 128, else 64-wide chunks."""
+    if is_f64:
+        return min(next_power_of_2(C), 16)
+    padded = max(16, next_power_of_2(C))
+    return padded if padded <= 128 else 64
+
+
+def fixed_blocks(N: int, is_f64: bool, interpreted: bool):
+    """(BLOCK_M, BLOCK_N) without autotuning: small tiles for small maps, float64 and the interpreter.
+
+    The interpreter takes 32 x 32 (numpy is fast per op, slow per op count); a GPU takes up to
+    64 x 64, or 16 x 16 in float64, whose tiles are a (BLOCK_M, BLOCK_N, BLOCK_K) product in registers.
+    """
+    largest = 32 if interpreted else (16 if is_f64 else 64)
+    tile = min(largest, max(16, next_power_of_2(N)))
+    return tile, tile
+
+
+def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
+    """Launch the dense kernel. Arguments as the op contract; returns ``(values, indices)`` (B, H, W).
+
+    Shapes: ``xa``, ``xb`` (B, H, W, C) contiguous; scales (B, H, W) float32 (float64 for float64);
+    masks None or bool (B, H, W). The caller (the op) has checked the contract.
+    """
+    B, H, W, C = xa.shape
+    N = H * W
+    flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
+    values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
+    indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
+    BLOCK_K = block_k(C, flags["IS_F64"])
+    args = (
+        xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
+        values, indices, values, indices, N, C, shape_class(N),
+    )
+    constants = dict(
+        HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None, SYMMETRIC=False,
+        BLOCK_K=BLOCK_K, SINGLE_K=C <= BLOCK_K, **flags,
+    )
+    if _TUNED_KERNEL is not None and not flags["IS_F64"] and N >= AUTOTUNE_MIN_PIXELS:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B)  # noqa: E731
+        _TUNED_KERNEL[grid](*args, **constants)
+    else:
+        BLOCK_M, BLOCK_N = fixed_blocks(N, flags["IS_F64"], INTERPRETED)
+        grid = (triton.cdiv(N, BLOCK_M), B)
+        _dense_match_fwd_kernel[grid](*args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **constants)
+    return values, indices
+
+
+def symmetric_block_m(N: int, dtype: torch.dtype, interpreted: bool) -> int:
+    """Rows per program of the symmetric pass: they size its column partials (B, cdiv(N, BLOCK_M), N)."""
+    is_f64 = dtype == torch.float64
+    if interpreted or is_f64 or N < AUTOTUNE_MIN_PIXELS:
+        return fixed_blocks(N, is_f64, interpreted)[0]
+    return 64 if dtype == torch.float32 else 128
+
+
+def symmetric_partial_bytes(B: int, N: int, dtype: torch.dtype) -> int:
+    """Bytes of the column partials of the fused symmetric pass: a value and an int32 index per
+    row block and pixel."""
+    blocks = triton.cdiv(N, symmetric_block_m(N, dtype, INTERPRETED))
+    return B * blocks * N * ((8 if dtype == torch.float64 else 4) + 4)
+
+
+def dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
+    """Both directions from one pass over the tiles: ``(values_ab, indices_ab, values_ba, indices_ba)``.
+
+    a -> b as :func:`dense_match_forward`; b -> a (queries in b, candidates in a, masks swapped)
+    from per-tile column maxima, reduced across the row blocks by ``_column_reduce_kernel``.
+    Extra memory: the partials, ``B * cdiv(N, BLOCK_M) * N`` values and indices.
+    """
+    B, H, W, C = xa.shape
+    N = H * W
+    flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
+    values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
+    indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
+    values_ba = torch.empty_like(values)
+    indices_ba = torch.empty_like(indices)
+    BLOCK_K = block_k(C, flags["IS_F64"])
+    BLOCK_M = symmetric_block_m(N, xa.dtype, INTERPRETED)
+    num_blocks = triton.cdiv(N, BLOCK_M)
+    part_val = torch.empty((B, num_blocks, N), dtype=scale_a.dtype, device=xa.device)
+    part_idx = torch.empty((B, num_blocks, N), dtype=torch.int32, device=xa.device)
+    args = (
+        xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
+        values, indices, part_val, part_idx, N, C, shape_class(N),
+    )
+    constants = dict(
+        HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None, SYMMETRIC=True,
+        BLOCK_K=BLOCK_K, SINGLE_K=C <= BLOCK_K, **flags,
+    )
+    grid = (num_blocks, B)
+    if _TUNED_SYMMETRIC is not None and BLOCK_M in _TUNED_SYMMETRIC and N >= AUTOTUNE_MIN_PIXELS:
+        _TUNED_SYMMETRIC[BLOCK_M][grid](*args, **constants)
+    else:
+        BLOCK_N = fixed_blocks(N, flags["IS_F64"], INTERPRETED)[1]
+        _dense_match_fwd_kernel[grid](*args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **constants)
+    REDUCE = 64 if INTERPRETED else 256
+    _column_reduce_kernel[(triton.cdiv(N, REDUCE), B)](
+        part_val, part_idx, scale_b, mask_pointer(mask_b, values), values_ba, indices_ba,
+        N, num_blocks,
+        HAS_MASK_B=mask_b is not None, BLOCK=REDUCE, IS_F64=flags["IS_F64"],
+    )
+    return values, indices, values_ba, indices_ba

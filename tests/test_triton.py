@@ -1,0 +1,527 @@
+"""Triton-specific tests: tile edge cases, half precision, the deterministic backward, torch.compile,
+the ops' own argument checks, availability; and GPU-only checks (tensor-core bf16, autotuned tiles,
+large maps, memory).
+
+Without a CUDA device the kernels run on CPU tensors through Triton's interpreter (set up by
+``tests/conftest.py``), on small shapes; tests marked ``gpu`` are skipped. With one, every test
+parametrised by ``device`` runs on CUDA tensors as well.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import salign_kernels as sk
+from salign_kernels import reference
+from salign_kernels.ops._common import WINDOW_MODES, op_arguments
+from helpers import GRAD_TOLERANCE, VALUE_TOLERANCE, assert_same_matches, make_features, make_mask
+
+
+def _devices():
+    devices = []
+    for device in ("cpu", "cuda"):
+        try:
+            sk.resolve_backend("triton", device)
+        except sk.BackendUnavailableError:
+            continue
+        devices.append(device)
+    return devices
+
+
+DEVICES = _devices()
+pytestmark = pytest.mark.skipif(not DEVICES, reason="the Triton backend runs on no device here")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(params=DEVICES or ["none"])
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _match(backend, a, b, window, mode, **kw):
+    if backend == "reference":
+        return reference.match(a, b, window, mode, kw.get("mask_a"), kw.get("mask_b"), kw.get("normalize", True))
+    if window is None:
+        return sk.dense_match(a, b, backend=backend, **kw)
+    return sk.window_match(a, b, window, mode=mode, backend=backend, **kw)
+
+
+def _values_and_grads(backend, a, b, window, mode, upstream, **kw):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    values, indices = _match(backend, a, b, window, mode, **kw)
+    grads = torch.autograd.grad((values * upstream).sum(), (a, b))
+    return (values.detach(), indices), grads
+
+
+def check_against_reference(device, shape, window=None, mode="sliding", dtype=torch.float32, masked=False,
+                            normalize=True, seed=0):
+    """Triton on ``device`` against the reference on the same tensors: matches and both gradients."""
+    a, b = make_features(shape, dtype, seed=seed, device=device)
+    kw = dict(normalize=normalize)
+    if masked:
+        kw.update(mask_a=make_mask(shape, 0.8, seed + 1, device), mask_b=make_mask(shape, 0.6, seed + 2, device))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    upstream = torch.randn(shape[0], shape[2], shape[3], dtype=acc).to(device)
+    got, got_grads = _values_and_grads("triton", a, b, window, mode, upstream, **kw)
+    want, want_grads = _values_and_grads("reference", a, b, window, mode, upstream, **kw)
+    assert got[0].dtype == want[0].dtype == acc
+    assert_same_matches(
+        tuple(t.cpu() for t in got), tuple(t.cpu() for t in want), a.cpu(), b.cpu(), normalize,
+        atol=VALUE_TOLERANCE[dtype][0],
+    )
+    atol, rtol = GRAD_TOLERANCE[dtype]
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+    return got
+
+
+# Shapes around the tiles: the interpreter's dense tiles are 32 x 32 pixels (16 in float64) with
+# channel chunks of up to 128 (64-wide beyond); GPU tiles are 16 to 128 pixels.
+TILE_EDGE_CASES = [
+    # (B, C, H, W), window, mode
+    ((1, 5, 7, 9), None, "sliding"),  # N = 63: two query tiles and two candidate tiles, both ragged
+    ((2, 3, 1, 37), None, "sliding"),  # 1 x N, prime
+    ((1, 17, 37, 1), None, "sliding"),  # N x 1, C not a power of two
+    ((1, 130, 5, 7), None, "sliding"),  # C > 128: channels in chunks, queries reloaded per chunk
+    ((1, 1, 1, 1), None, "sliding"),  # one pixel, one channel
+    ((2, 33, 11, 13), 5, "sliding"),
+    ((1, 130, 6, 7), 3, "sliding"),  # channel chunks in the window kernel and the backward
+    ((1, 4, 9, 9), 9, "sliding"),  # the window covers the map
+    ((1, 3, 37, 1), 3, "sliding"),
+    ((1, 6, 11, 13), 4, "partition"),  # ragged edge tiles on both sides
+    ((1, 3, 37, 1), 4, "partition"),
+    ((2, 5, 9, 9), 9, "partition"),  # one tile: dense matching
+]
+
+
+@pytest.mark.parametrize("shape,window,mode", TILE_EDGE_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_tile_edges(device, shape, window, mode, masked):
+    check_against_reference(device, shape, window, mode, masked=masked, seed=sum(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), (5, "sliding"), (4, "partition")])
+def test_dtypes_with_wide_channels(device, dtype, window, mode):
+    # C = 40: a 64-wide tl.dot whose operands are half (bf16 cast to float32 under the interpreter).
+    check_against_reference(device, (2, 40, 5, 9), window, mode, dtype=dtype, masked=True, seed=3)
+
+
+def _check_symmetric(device, shape, masked, seed, dtype=torch.float32):
+    from salign_kernels.ops import triton as backend
+
+    a, b = make_features(shape, dtype, seed=seed, device=device)
+    ma = make_mask(shape, 0.7, seed + 1, device) if masked else None
+    mb = make_mask(shape, 0.6, seed + 2, device) if masked else None
+    got = backend.match_symmetric(a, b, None, "sliding", ma, mb, True)
+    want = [reference.dense_match(a, b, ma, mb), reference.dense_match(b, a, mb, ma)]
+    atol = VALUE_TOLERANCE[dtype][0]
+    for (g, w), (x, y) in zip(zip(got, want), ((a, b), (b, a))):
+        assert_same_matches(tuple(t.cpu() for t in g), tuple(t.cpu() for t in w), x.cpu(), y.cpu(), atol=atol)
+    return a, b, ma, mb, got
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7, 9), (2, 3, 1, 37), (1, 17, 37, 1), (1, 130, 5, 7), (1, 1, 1, 1)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_symmetric_both_directions(device, shape, masked):
+    # b -> a comes from column maxima of a -> b's tiles, reduced across row blocks: ragged blocks,
+    # masks on both sides (a query mask in one direction is a candidate mask in the other).
+    _check_symmetric(device, shape, masked, seed=sum(shape))
+
+
+def test_fused_symmetric_agrees_with_two_passes(device, monkeypatch):
+    from salign_kernels.ops import triton as backend
+
+    shape = (2, 6, 9, 8)
+    a, b, ma, mb, fused = _check_symmetric(device, shape, True, seed=7)
+    b2 = b.clone()
+    b2[0, :, 3, 3] = float("nan")  # NaN wins in both directions
+    monkeypatch.setattr(backend, "FUSED_SYMMETRIC_MAX_BYTES", 0)  # two one-way passes
+    two_pass = backend.match_symmetric(a, b, None, "sliding", ma, mb, True)
+    for (fv, fi), (tv, ti) in zip(fused, two_pass):
+        torch.testing.assert_close(fv, tv, atol=1e-6, rtol=1e-6)
+        assert (fi != ti).float().mean() < 0.05  # near-ties only
+    monkeypatch.undo()
+    for values, indices in backend.match_symmetric(a, b2, None, "sliding", None, None, True):
+        nan_rows = torch.isnan(values)
+        assert nan_rows[0].any() and (indices[nan_rows] >= 0).all()
+    # The b -> a NaNs: every query of b's first sample whose candidate set holds the NaN pixel.
+    _, (values_ba, _) = backend.match_symmetric(a, b2, None, "sliding", None, None, True)
+    assert torch.isnan(values_ba[0, 3, 3])
+
+
+def test_feature_flags():
+    from salign_kernels.ops.triton import _runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # The interpreter computes tl.dot on bfloat16 wrongly: operands are cast to float32 there only.
+    assert _runtime.feature_flags(torch.bfloat16, cpu, interpreted=True)["UPCAST"]
+    assert not _runtime.feature_flags(torch.bfloat16, cuda, interpreted=False)["UPCAST"]
+    assert not _runtime.feature_flags(torch.float16, cpu, interpreted=True)["UPCAST"]
+    assert _runtime.feature_flags(torch.float64, cpu, interpreted=True)["IS_F64"]
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _runtime.feature_flags(torch.float32, cuda, interpreted=False)["PRECISION"] == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _runtime.feature_flags(torch.float32, cuda, interpreted=False)["PRECISION"] == "tf32"
+        assert _runtime.feature_flags(torch.float32, cpu, interpreted=True)["PRECISION"] == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    _runtime.FP32_PRECISION = "fp16"
+    try:
+        with pytest.raises(ValueError, match="FP32_PRECISION must be one of"):
+            _runtime.feature_flags(torch.float32, cpu, interpreted=True)
+    finally:
+        _runtime.FP32_PRECISION = "ieee"
+
+
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (3, "partition")])
+def test_nan_wins_and_ties_keep_the_lowest_index(device, window, mode):
+    a, b = make_features((1, 4, 6, 6), seed=12, device=device)
+    b[:, :, 2, 3] = float("nan")
+    values, indices = _match("triton", a, b, window, mode)
+    want_values, want_indices = _match("reference", a, b, window, mode)
+    nan_rows = torch.isnan(want_values)
+    assert torch.equal(torch.isnan(values), nan_rows) and nan_rows.any()
+    assert torch.equal(indices[nan_rows], want_indices[nan_rows])  # the NaN candidate itself
+    torch.testing.assert_close(values[~nan_rows], want_values[~nan_rows], atol=2e-5, rtol=2e-5)
+    # Exact duplicates among the candidates: the lowest index wins.
+    b = torch.zeros_like(a)
+    b[:, 0] = 1.0
+    _, indices = _match("triton", a.abs(), b, window, mode)
+    _, want = _match("reference", a.abs(), b, window, mode)
+    assert torch.equal(indices, want)
+
+
+def _one_target_case(device, dtype=torch.float32):
+    """Every query's best match in b is pixel 5, so its gradient sums every query's contribution."""
+    shape = (2, 6, 7, 8)
+    a, b = make_features(shape, dtype, seed=21, device=device)
+    u = torch.linspace(1, 2, shape[1], device=device, dtype=dtype)
+    a = u[None, :, None, None] + 0.05 * a
+    b = b.clone()
+    b[:, :, 0, 5] = u
+    return a, b
+
+
+def _grads(a, b, window=None, mode="sliding"):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    values, indices = _match("triton", a, b, window, mode)
+    upstream = torch.linspace(-1, 1, values.numel(), device=values.device).view_as(values)
+    return indices, torch.autograd.grad((values * upstream).sum(), (a, b))
+
+
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), (7, "partition")])
+def test_deterministic_backward(device, deterministic, window, mode):
+    a, b = _one_target_case(device)
+    indices, first = _grads(a, b, window, mode)
+    if window is None:
+        assert (indices == 5).all()
+    _, second = _grads(a, b, window, mode)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)  # bit for bit
+    torch.use_deterministic_algorithms(False)
+    _, atomic = _grads(a, b, window, mode)
+    for x, y in zip(first, atomic):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_backward_op_paths_agree(device, dtype):
+    # The backward op straight from random indices (with invalid and out-of-range ones): the
+    # deterministic (sorted segments) and atomic paths, and the contract's formulas in float64.
+    B, H, W, C = 2, 5, 6, 7
+    N = H * W
+    generator = torch.Generator().manual_seed(4)
+    xa = torch.randn(B, H, W, C, generator=generator).to(device, dtype)
+    xb = torch.randn(B, H, W, C, generator=generator).to(device, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sa = torch.rand(B, H, W, generator=generator).to(device, acc) + 0.5
+    sb = torch.rand(B, H, W, generator=generator).to(device, acc) + 0.5
+    g = torch.randn(B, H, W, generator=generator).to(device, acc)
+    indices = torch.randint(0, 4, (B, H, W), generator=generator).to(device)  # many repeats
+    indices[0, 0, :3] = -1
+    indices[1, 2, 2] = N + 3  # out of range: treated as no match, never read
+    op = torch.ops.salign_triton.match_backward
+    atomic = op(g, xa, xb, sa, sb, indices)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        sorted_path = op(g, xa, xb, sa, sb, indices)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+    # The contract's formulas, in float64 on CPU.
+    x_a, x_b = xa.double().cpu().reshape(B, N, C), xb.double().cpu().reshape(B, N, C)
+    s_a, s_b, gg = sa.double().cpu().reshape(B, N), sb.double().cpu().reshape(B, N), g.double().cpu().reshape(B, N)
+    idx = indices.cpu().reshape(B, N)
+    valid = (idx >= 0) & (idx < N)
+    q = torch.where(valid, idx, 0)
+    gg = torch.where(valid, gg, 0.0)
+    xq = torch.gather(x_b, 1, q[..., None].expand(-1, -1, C))
+    sq = torch.gather(s_b, 1, q)
+    d = (x_a * xq).sum(-1)
+    coef = gg * s_a * sq
+    want_xa = coef[..., None] * xq
+    want_sa = gg * sq * d
+    want_xb = torch.zeros_like(x_b).scatter_add_(1, q[..., None].expand(-1, -1, C), coef[..., None] * x_a)
+    want_sb = torch.zeros_like(s_b).scatter_add_(1, q, gg * s_a * d)
+    want = (want_xa, want_xb, want_sa, want_sb)
+    atol, rtol = GRAD_TOLERANCE[dtype]
+    for got in (atomic, sorted_path):
+        for x, w in zip(got, want):
+            torch.testing.assert_close(x.double().cpu().reshape(w.shape), w, atol=atol * 4, rtol=rtol)
+    assert [t.dtype for t in atomic] == [dtype, dtype, acc, acc]
+
+
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (2, "partition")])
+def test_torch_compile_has_no_graph_break(device, window, mode):
+    # A training step's forward (loss of both directions, with masks); backward runs through the
+    # compiled graph. fullgraph=True raises at the first graph break. The graph goes to aot_eager
+    # (Dynamo + AOTAutograd + the fake implementations, without compiling C++ under the
+    # interpreter), and the dense case on a GPU to inductor.
+    shape = (2, 4, 6, 5)
+    a, b = make_features(shape, seed=31, device=device)
+    mask_b = make_mask(shape, 0.8, 5, device)
+
+    def step(x, y):
+        return sk.local_alignment_loss(
+            x, y, window=window, window_mode=mode, symmetric=True, mask_b=mask_b, backend="triton"
+        )
+
+    torch._dynamo.reset()
+    inductor = device == "cuda" and window is None  # one inductor compile is enough on a GPU
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if inductor else "aot_eager")
+    results = []
+    for fn in (compiled, step):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), x.grad, y.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def _op_args(device="cpu", **changes):
+    a, b = make_features((1, 3, 4, 5), device=device)
+    args = dict(zip(
+        ("xa", "xb", "scale_a", "scale_b", "mask_a", "mask_b", "window", "mode"),
+        op_arguments(a, b, None, "sliding", None, None, True),
+    ))
+    args.update(changes)
+    return args
+
+
+def _bad_forward_cases(device):
+    x = _op_args(device)["xa"]
+    mask = torch.ones(1, 4, 5, dtype=torch.bool, device=device)
+    return [
+        (dict(xa=x.transpose(1, 2)), ValueError, "xa must be pixel-major|xa must be contiguous"),
+        (dict(xa=x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)), ValueError, "xa must be contiguous"),
+        (dict(xb=x[:, :, :4].contiguous()), ValueError, "xb must have shape"),
+        (dict(xa=x.int(), xb=x.int()), TypeError, "xa must be one of"),
+        (dict(xb=x.double()), TypeError, "xb must have dtype"),
+        (dict(xa=x[:0], xb=x[:0]), ValueError, "must not be empty"),
+        (dict(scale_a=torch.ones(1, 4, 5, dtype=torch.float64, device=device)), TypeError, "scale_a must have dtype"),
+        (dict(scale_b=torch.ones(1, 5, 4, device=device)), ValueError, "scale_b must have shape"),
+        (dict(mask_a=mask.float()), TypeError, "mask_a must have dtype torch.bool"),
+        (dict(mask_b=mask[:, :3]), ValueError, "mask_b must have shape"),
+        (dict(window=-1), ValueError, "window must be an int >= 0"),
+        (dict(window=6), ValueError, "window must be at most max"),
+        (dict(window=2, mode=WINDOW_MODES["sliding"]), ValueError, "sliding window must be odd"),
+        (dict(window=3, mode=7), ValueError, "mode must be one of"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(14))
+def test_forward_op_rejects_contract_violations(device, case):
+    changes, error, pattern = _bad_forward_cases(device)[case]
+    with pytest.raises(error, match=pattern):
+        torch.ops.salign_triton.match_forward(**_op_args(device, **changes))
+
+
+def test_backward_op_rejects_contract_violations(device):
+    args = _op_args(device)
+    xa, xb, sa, sb = args["xa"], args["xb"], args["scale_a"], args["scale_b"]
+    g = torch.ones_like(sa)
+    indices = torch.zeros(1, 4, 5, dtype=torch.int64, device=device)
+    op = torch.ops.salign_triton.match_backward
+    with pytest.raises(TypeError, match="indices must have dtype torch.int64"):
+        op(g, xa, xb, sa, sb, indices.int())
+    with pytest.raises(ValueError, match="grad_values must have shape"):
+        op(g[:, :2], xa, xb, sa, sb, indices)
+    with pytest.raises(TypeError, match="grad_values must have dtype"):
+        op(g.double(), xa, xb, sa, sb, indices)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of CPU tensors without a GPU")
+def test_cpu_tensors_need_the_interpreter():
+    from salign_kernels.ops import triton as backend
+
+    assert backend.supports("cpu") == backend.interpreted()
+    assert not backend.supports("meta")
+
+
+def _run_python(code, **env):
+    environment = dict(os.environ, **env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True, text=True,
+        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_unavailable_without_cuda_or_interpreter():
+    result = _run_python(
+        """
+        import torch, salign_kernels as sk
+        status = sk.backends()["triton"]
+        assert not status and "no CUDA device" in status.reason, status
+        assert sk.resolve_backend("auto", "cpu") in ("cpp", "reference")
+        try:
+            sk.dense_match(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3), backend="triton")
+        except sk.BackendUnavailableError as exc:
+            assert "no CUDA device" in str(exc)
+        else:
+            raise SystemExit("backend='triton' did not raise")
+        """,
+        TRITON_INTERPRET="0",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_import_never_fails_without_triton():
+    result = _run_python(
+        """
+        import sys
+        sys.modules["triton"] = None  # import triton -> ImportError
+        import salign_kernels as sk
+        from salign_kernels.ops import triton as backend
+        status = sk.backends()["triton"]
+        assert not status and "triton is not importable" in status.reason, status
+        assert not backend.supports("cpu") and not backend.supports("cuda")
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: the compiled kernels on shapes the interpreter cannot afford.
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_dense_autotuned(dtype, masked):
+    # N = 4096 >= AUTOTUNE_MIN_PIXELS: the autotuned kernel, tensor-core bf16/fp16 tl.dot.
+    check_against_reference("cuda", (2, 64, 64, 64), None, dtype=dtype, masked=masked, seed=41)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_fused_symmetric_autotuned(dtype, masked):
+    _check_symmetric("cuda", (2, 64, 64, 72), masked, seed=46, dtype=dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,mode", [(7, "sliding"), (8, "partition"), (3, "sliding")])
+def test_cuda_windows_large(dtype, window, mode):
+    check_against_reference("cuda", (2, 128, 48, 56), window, mode, dtype=dtype, masked=True, seed=42)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_tf32_only_when_allowed():
+    a, b = make_features((1, 256, 32, 32), seed=43, device="cuda")
+    want = reference.dense_match(a.double(), b.double())[0].float()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ieee = sk.dense_match(a, b, backend="triton")[0]
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = sk.dense_match(a, b, backend="triton")[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.testing.assert_close(ieee, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tf32, want, atol=5e-3, rtol=5e-3)
+    assert not torch.equal(ieee, tf32)  # TF32 really was used when allowed
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp32_as_three_tf32_products(monkeypatch):
+    # The opt-in FP32_PRECISION = "tf32x3": float32 accuracy from the tensor cores, checked here
+    # against a float64 reference with the float32 tolerance of the conformance tests.
+    from salign_kernels.ops.triton import _runtime
+
+    monkeypatch.setattr(_runtime, "FP32_PRECISION", "tf32x3")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert _runtime.feature_flags(torch.float32, torch.device("cuda"), False)["PRECISION"] == "tf32x3"
+    check_against_reference("cuda", (2, 128, 64, 64), None, masked=True, seed=47)
+    a, b = make_features((1, 256, 32, 32), seed=43, device="cuda")
+    want = reference.dense_match(a.double(), b.double())[0].float()
+    torch.testing.assert_close(sk.dense_match(a, b, backend="triton")[0], want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_deterministic_large(deterministic):
+    a, b = make_features((2, 64, 40, 40), seed=44, device="cuda")
+    first = _grads(a, b, 7, "sliding")[1]
+    second = _grads(a, b, 7, "sliding")[1]
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_memory_of_the_largest_case():
+    # (4, 128, 256, 256) bf16, dense, forward + backward: the reference would need ~69 GB for its
+    # similarity matrix alone; the kernels need O(B N C).
+    shape = (4, 128, 256, 256)
+    torch.cuda.empty_cache()
+    a, b = make_features(shape, torch.bfloat16, seed=45, device="cuda")
+    a.requires_grad_()
+    b.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = sk.local_alignment_loss(a, b, backend="triton")
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert torch.isfinite(loss) and a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+    input_bytes = a.numel() * a.element_size()
+    assert extra < 16 * input_bytes, f"peak {extra / 2**30:.2f} GiB over {input_bytes / 2**30:.2f} GiB of input"
+    # Spot check: 64 queries against the reference's matching restricted to them.
+    with torch.no_grad():
+        values, indices = sk.dense_match(a, b, backend="triton")
+        xa = reference.prepare_features(a[:1], True).flatten(2)[:, :, :64]  # (1, C, 64)
+        xb = reference.prepare_features(b[:1], True).flatten(2)
+        want_values, want_indices = torch.bmm(xa.transpose(1, 2), xb).max(-1)
+    torch.testing.assert_close(values[0].flatten()[:64], want_values[0], atol=2e-5, rtol=2e-5)
+    differ = indices[0].flatten()[:64] != want_indices[0]
+    assert differ.float().mean() < 0.05  # near-ties only
