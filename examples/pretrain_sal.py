@@ -59,23 +59,26 @@ class SALEncoder(nn.Module):
 
     The outputs of ``down_2`` (stride 4), ``down_3`` (8) and ``down_4`` (16) are brought to the stride-4
     grid (bilinear), concatenated and embedded by a 1x1 convolution, so every encoder block gets a
-    gradient while matching happens on a grid fine enough to be local. The decoder is not used.
+    gradient while matching happens on a grid fine enough to be local. The encoder blocks are the U-Net's
+    own modules (training them trains the U-Net); the decoder is left out, so that DDP, which expects a
+    gradient for every parameter it holds, only holds what SAL trains.
 
     Shape: ``(B, 1, S, S) -> (B, embed_dim, S / 4, S / 4)`` (``S`` a multiple of 16).
     """
 
+    BLOCKS = ("conv_0", "down_1", "down_2", "down_3", "down_4")
+
     def __init__(self, unet: nn.Module, embed_dim: int = 64) -> None:
         super().__init__()
-        self.unet = unet
-        widths = [unet.down_2.convs.conv_1.conv.out_channels, unet.down_3.convs.conv_1.conv.out_channels,
-                  unet.down_4.convs.conv_1.conv.out_channels]
+        for name in self.BLOCKS:
+            self.add_module(name, getattr(unet, name))
+        widths = [getattr(unet, name).convs.conv_1.conv.out_channels for name in self.BLOCKS[2:]]
         self.embed = nn.Conv2d(sum(widths), embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.unet
-        x2 = u.down_2(u.down_1(u.conv_0(x)))
-        x3 = u.down_3(x2)
-        x4 = u.down_4(x3)
+        x2 = self.down_2(self.down_1(self.conv_0(x)))
+        x3 = self.down_3(x2)
+        x4 = self.down_4(x3)
         grid = x2.shape[-2:]
         up = [F.interpolate(t, size=grid, mode="bilinear", align_corners=False) for t in (x3, x4)]
         return self.embed(torch.cat([x2, *up], dim=1))
@@ -337,8 +340,9 @@ def pretrain(args) -> Dict:
         sampler.set_epoch(epoch)
         sums = torch.zeros(4, dtype=torch.float64)  # total, local, positional, spread^2
         min_std, steps, start = math.inf, 0, time.perf_counter()
+        # disable=None: a bar on a terminal only, not in logs; one bar, on the first process.
         bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not main_process or args.no_progress)
+                   disable=True if not main_process or args.no_progress else None)
         for batch in bar:
             masks = (batch["mask_a"].to(device), batch["mask_b"].to(device)) if "mask_a" in batch else (None, None)
             out, feat_a = trained(batch["slice_a"].to(device), batch["slice_b"].to(device),
