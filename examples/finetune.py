@@ -109,15 +109,17 @@ def summarise(values: List[float]) -> str:
 
 def table(results: List[Dict], ks: List[int]) -> str:
     """The Markdown table: Dice (mean ± std over seeds) per k, class and initialisation."""
-    lines = ["| labelled slices k | init | grey matter Dice | white matter Dice | mean Dice |",
-             "|---|---|---|---|---|"]
+    lines = ["| labelled slices k | init | runs | grey matter Dice | white matter Dice | mean Dice |",
+             "|---|---|---|---|---|---|"]
     for k in ks:
         for arm in ("random", "SAL"):
             runs = [r for r in results if r["k"] == k and r["init"] == arm]
             gm = [r["dice"]["grey matter"] for r in runs]
             wm = [r["dice"]["white matter"] for r in runs]
             mean = [(a + b) / 2 for a, b in zip(gm, wm)]
-            lines.append(f"| {k} | {arm} | {summarise(gm)} | {summarise(wm)} | {summarise(mean)} |")
+            if not runs:
+                continue
+            lines.append(f"| {k} | {arm} | {len(runs)} | {summarise(gm)} | {summarise(wm)} | {summarise(mean)} |")
     return "\n".join(lines)
 
 
