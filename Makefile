@@ -12,14 +12,14 @@ VENV ?= .venv
 VENV_ARGS ?=
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= test,triton
+EXTRAS ?= test,triton,data
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.salign-installed
 SOURCES := pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
-.PHONY: install test demo check bench clean gpu-check
+.PHONY: install test demo finetune check bench gpu-check clean
 
 install: $(STAMP)
 
@@ -33,8 +33,13 @@ $(STAMP): $(SOURCES)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The main job: SAL pre-training of a MONAI U-Net encoder on the bundled real sample (outputs/).
 demo: $(STAMP)
-	$(PY) examples/compare_backends.py
+	$(PY) examples/pretrain_sal.py
+
+# The README's few-label Dice table (SAL vs random init, 3 seeds; outputs/finetune/).
+finetune: $(STAMP)
+	$(PY) examples/finetune.py
 
 check: $(STAMP)
 	$(PY) -m salign_kernels.check

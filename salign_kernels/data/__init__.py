@@ -1,0 +1,36 @@
+"""NIfTI volumes -> normalised slices -> pairs of nearby slices for SAL pre-training.
+
+Needs the optional packages of the ``data`` extra (``pip install "salign-kernels[data]"``): nibabel
+reads the files. This package imports without them; the first function that reads a file says what
+is missing.
+
+Example:
+    >>> from salign_kernels.data import SlicePairDataset, SAMPLE_IMAGE
+    >>> dataset = SlicePairDataset(SAMPLE_IMAGE, size=96, max_offset=3, foreground_threshold=0.05)
+    >>> item = dataset[0]  # slice_a, slice_b (1, 96, 96); pos_a, pos_b; mask_a, mask_b (96, 96)
+"""
+
+from .dataset import SlicePairDataset, SliceStack, load_slices
+from .intensity import CT_WINDOW, MR_PERCENTILES, detect_modality, normalize_intensity
+from .io import Volume, find_volumes, load_volume
+from .sample import SAMPLE_CLASSES, SAMPLE_IMAGE, SAMPLE_LABEL, sample_paths
+from .slices import sample_pair, to_slices
+
+__all__ = [
+    "SlicePairDataset",
+    "SliceStack",
+    "load_slices",
+    "load_volume",
+    "find_volumes",
+    "Volume",
+    "normalize_intensity",
+    "detect_modality",
+    "CT_WINDOW",
+    "MR_PERCENTILES",
+    "sample_pair",
+    "to_slices",
+    "SAMPLE_IMAGE",
+    "SAMPLE_LABEL",
+    "SAMPLE_CLASSES",
+    "sample_paths",
+]

@@ -1,0 +1,265 @@
+"""NIfTI volumes -> normalised square slices -> random pairs of nearby slices, as MONAI-style dicts."""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .intensity import CT_WINDOW, MODALITIES, MR_PERCENTILES, normalize_intensity
+from .io import PathLike, find_volumes, load_volume
+from .slices import check_axis, sample_pair, to_slices
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class SliceStack:
+    """One volume cut into normalised square slices (what the datasets keep in memory).
+
+    Attributes:
+        images: ``(D, size, size)`` float32 in [0, 1], slice ``i`` at position ``i / (D - 1)``.
+        labels: ``(D, size, size)`` int64 label map on the same grid, or None.
+        path: the image file.
+        modality: ``"ct"`` or ``"mr"``, the normalisation that was applied.
+    """
+
+    images: np.ndarray
+    labels: Optional[np.ndarray]
+    path: str
+    modality: str
+
+    @property
+    def num_slices(self) -> int:
+        return self.images.shape[0]
+
+    def position(self, index: int) -> float:
+        """``index / (D - 1)``: the slice's relative position in the volume (0 for a single slice)."""
+        return index / max(self.num_slices - 1, 1)
+
+
+def load_slices(
+    path: PathLike,
+    *,
+    axis: int = 2,
+    size: int = 96,
+    modality: str = "auto",
+    label_path: Optional[PathLike] = None,
+    ct_window: Tuple[float, float] = CT_WINDOW,
+    mr_percentiles: Tuple[float, float] = MR_PERCENTILES,
+    canonical: bool = True,
+) -> SliceStack:
+    """Read a NIfTI volume (and optionally its label map), normalise it and cut it into slices.
+
+    Args:
+        path: the image, ``.nii`` or ``.nii.gz``.
+        axis: the slicing axis of the (RAS+ when ``canonical``) volume: 0 sagittal, 1 coronal,
+            2 axial.
+        size: the side of the square slices.
+        modality: ``"ct"`` (HU window ``ct_window``), ``"mr"`` (percentiles ``mr_percentiles``) or
+            ``"auto"`` (CT when the volume holds air at about -1000).
+        label_path: an integer label map on the image's voxel grid.
+        canonical: reorient to RAS+ first, so ``axis`` means the same for every file.
+
+    Returns:
+        :class:`SliceStack` with ``images`` (and ``labels``) of shape ``(D, size, size)``.
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+        ValueError: an unreadable or non-3D file, ``axis`` out of range, a label map whose shape
+            differs from the image's, a bad ``size`` or ``modality``.
+    """
+    axis = check_axis(axis)
+    size = _check_int(size, "size", 1)
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}; got {modality!r}")
+    volume = load_volume(path, canonical=canonical)
+    array, used = normalize_intensity(volume.array, modality, ct_window=ct_window, mr_percentiles=mr_percentiles)
+    images = to_slices(array, axis, size, volume.spacing)
+    labels = None
+    if label_path is not None:
+        label = load_volume(label_path, canonical=canonical, dtype=np.float32)
+        if label.array.shape != volume.array.shape:
+            raise ValueError(
+                f"label_path '{label_path}' has shape {label.array.shape}, the image '{path}' has "
+                f"{volume.array.shape}: they must share one voxel grid"
+            )
+        labels = to_slices(label.array, axis, size, volume.spacing, labels=True)
+    return SliceStack(images=images, labels=labels, path=volume.path, modality=used)
+
+
+def _as_paths(data) -> List[Path]:
+    """A folder (searched recursively), one file, or a sequence of files -> the list of files."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.is_dir():
+            return find_volumes(path)
+        return [path]  # a missing file raises in load_volume, naming it
+    try:
+        paths = [Path(p) for p in data]
+    except TypeError:
+        raise TypeError(f"data must be a folder, a file or a sequence of files; got {data!r}") from None
+    if not paths:
+        raise ValueError("data is an empty sequence: give at least one NIfTI file")
+    return paths
+
+
+class SlicePairDataset(Dataset):
+    """Random pairs of nearby slices of NIfTI volumes, for self-supervised alignment pre-training.
+
+    Every volume is read once, normalised per volume (CT: HU window; MR: percentile scaling), cut
+    along ``axis`` into slices resampled to ``size x size`` and kept in memory
+    (``D * size**2 * 4`` bytes per volume). An item is a pair drawn by the specification's rule:
+    ``i`` uniform over the volume's slices, ``j = i + d`` with ``d`` uniform in
+    ``[-max_offset, max_offset] \\ {0}``, kept inside the volume.
+
+    The pair of item ``index`` depends only on ``(seed, epoch, index)``, so it is the same whatever
+    DataLoader worker or DDP rank draws it; call :meth:`set_epoch` each epoch for fresh pairs.
+    Volume ``v`` owns ``pairs_per_volume`` consecutive indices (default: its number of slices).
+
+    Args:
+        data: a folder (every ``*.nii``/``*.nii.gz`` under it), a file, or a sequence of files.
+        axis: slicing axis of the RAS+ volume: 0 sagittal, 1 coronal, 2 axial.
+        size: side of the square slices.
+        max_offset: the largest slice distance ``|j - i|`` (>= 1).
+        foreground_threshold: when given, the items carry ``mask_a``/``mask_b``:
+            normalised intensity ``> foreground_threshold``.
+        modality: ``"auto"``, ``"ct"`` or ``"mr"`` (see :func:`load_slices`).
+        slab: ``(low, high)`` in [0, 1]: draw both slices among those whose position
+            ``i / (D - 1)`` lies in ``[low, high]`` (to hold out a distant slab).
+        pairs_per_volume: items per volume per epoch.
+        seed: base seed of the pair sampling.
+        transform: a callable applied to each item dict (e.g. MONAI dictionary transforms).
+
+    Item (a dict; the default collate stacks a batch):
+        ``slice_a``, ``slice_b``: ``(1, size, size)`` float32 in [0, 1];
+        ``pos_a``, ``pos_b``: float32 scalars ``i / (D - 1)``, ``j / (D - 1)``;
+        ``index_a``, ``index_b``, ``volume``: ints;
+        ``mask_a``, ``mask_b``: ``(size, size)`` bool, only with ``foreground_threshold``.
+
+    Raises:
+        FileNotFoundError: a missing file, or a folder without NIfTI files.
+        ValueError: an unreadable or non-3D file, ``axis`` out of range, a volume with fewer than two
+            slices (in ``slab``), bad ``size``, ``max_offset``, ``slab`` or ``modality``.
+
+    Example:
+        >>> dataset = SlicePairDataset("scans/", size=96, foreground_threshold=0.05)
+        >>> loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, num_workers=2)
+        >>> batch = next(iter(loader))  # batch["slice_a"]: (16, 1, 96, 96), batch["pos_a"]: (16,)
+    """
+
+    def __init__(
+        self,
+        data: Union[PathLike, Sequence[PathLike]],
+        *,
+        axis: int = 2,
+        size: int = 96,
+        max_offset: int = 3,
+        foreground_threshold: Optional[float] = None,
+        modality: str = "auto",
+        slab: Optional[Tuple[float, float]] = None,
+        pairs_per_volume: Optional[int] = None,
+        seed: int = 0,
+        transform: Optional[Callable[[Dict], Dict]] = None,
+        ct_window: Tuple[float, float] = CT_WINDOW,
+        mr_percentiles: Tuple[float, float] = MR_PERCENTILES,
+    ) -> None:
+        # Every option is checked before any file is read, so a typo fails at once.
+        self.axis = check_axis(axis)
+        self.size = _check_int(size, "size", 1)
+        self.max_offset = _check_int(max_offset, "max_offset", 1)
+        if pairs_per_volume is not None:
+            pairs_per_volume = _check_int(pairs_per_volume, "pairs_per_volume", 1)
+        if foreground_threshold is not None:
+            if isinstance(foreground_threshold, bool) or not isinstance(foreground_threshold, (int, float)):
+                raise TypeError(f"foreground_threshold must be a float or None; got {foreground_threshold!r}")
+            foreground_threshold = float(foreground_threshold)
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}; got {modality!r}")
+        if slab is not None:
+            slab = self._check_slab(slab)
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable or None; got {transform!r}")
+        self.foreground_threshold, self.slab, self.seed = foreground_threshold, slab, int(seed)
+        self.transform, self.epoch = transform, 0
+
+        self.paths = _as_paths(data)
+        self.volumes: List[SliceStack] = []
+        self.ranges: List[Tuple[int, int]] = []  # allowed (first, last) slice per volume
+        for path in self.paths:
+            stack = load_slices(path, axis=self.axis, size=self.size, modality=modality,
+                                ct_window=ct_window, mr_percentiles=mr_percentiles)
+            self.ranges.append(self._slice_range(stack, path))
+            self.volumes.append(stack)
+        counts = [pairs_per_volume or (last - first + 1) for first, last in self.ranges]
+        self._ends = np.cumsum(counts).tolist()  # volume v owns indices [ends[v-1], ends[v])
+
+    @staticmethod
+    def _check_slab(slab) -> Tuple[float, float]:
+        try:
+            low, high = (float(v) for v in slab)
+        except (TypeError, ValueError):
+            raise TypeError(f"slab must be a pair (low, high) of positions in [0, 1]; got {slab!r}") from None
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"slab must satisfy 0 <= low < high <= 1; got {slab!r}")
+        return low, high
+
+    def _slice_range(self, stack: SliceStack, path) -> Tuple[int, int]:
+        """The (first, last) slices pairs may use; raises when fewer than two are left."""
+        D = stack.num_slices
+        if D < 2:
+            raise ValueError(
+                f"'{path}' has {D} slice along axis={self.axis}: a slice pair needs at least 2"
+            )
+        if self.slab is None:
+            return 0, D - 1
+        low, high = self.slab
+        # Positions i / (D - 1) in [low, high]; the small tolerance keeps the end slices exact.
+        first, last = int(np.ceil(low * (D - 1) - 1e-9)), int(np.floor(high * (D - 1) + 1e-9))
+        if last - first + 1 < 2:
+            raise ValueError(
+                f"slab={self.slab} keeps {max(last - first + 1, 0)} of the {D} slices of '{path}' "
+                f"along axis={self.axis}: a slice pair needs at least 2"
+            )
+        return first, last
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new pairs: the pairs of an epoch depend on ``(seed, epoch, index)`` only."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def __getitem__(self, index: int) -> Dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for a dataset of {len(self)} pairs")
+        index = int(index) % len(self)
+        v = bisect.bisect_right(self._ends, index)
+        stack = self.volumes[v]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        i, j = sample_pair(stack.num_slices, self.max_offset, rng, self.ranges[v])
+        item = {
+            "slice_a": torch.from_numpy(stack.images[i][None].copy()),
+            "slice_b": torch.from_numpy(stack.images[j][None].copy()),
+            "pos_a": torch.tensor(stack.position(i), dtype=torch.float32),
+            "pos_b": torch.tensor(stack.position(j), dtype=torch.float32),
+            "index_a": i,
+            "index_b": j,
+            "volume": v,
+        }
+        if self.foreground_threshold is not None:
+            item["mask_a"] = torch.from_numpy(stack.images[i] > self.foreground_threshold)
+            item["mask_b"] = torch.from_numpy(stack.images[j] > self.foreground_threshold)
+        return self.transform(item) if self.transform is not None else item
