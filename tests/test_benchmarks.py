@@ -60,3 +60,16 @@ def test_quick_benchmark_run_renders(tmp_path):
     providers = {r["extra_info"]["provider"] for r in rows}
     assert {"reference", "torch.mm"} <= providers
     assert all("peak_extra_mib" in r["extra_info"] for r in rows if r["extra_info"]["provider"] != "torch.mm")
+
+
+def test_peak_memory_of_a_child_is_its_own():
+    """The child's peak is measured even when the parent is larger (ru_maxrss would carry over)."""
+    from benchmarks.peak_memory import measure_in_subprocess
+
+    ballast = torch.ones(2**27)  # 512 MiB in this process before the child starts
+    spec = dict(provider="reference", shape=[1, 8, 64, 64], window=None, window_mode="sliding",
+                symmetric=False, mode="forward")
+    result = measure_in_subprocess(spec)
+    del ballast
+    similarity_mib = (64 * 64) ** 2 * 4 / 2**20  # the reference's 64 MiB similarity matrix
+    assert similarity_mib * 0.75 <= result["peak_extra_mib"] <= similarity_mib * 4, result
