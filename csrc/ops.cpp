@@ -14,16 +14,22 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Features are (B, C, H, W) in any memory layout; x_hat = x / max(||x||, 1e-12) over C when
+// `normalize`. match: for each pixel p of feat_a, the max over its candidates q in feat_b of
+// <xa_hat_p, xb_hat_q> and the lowest q attaining it (window 0: every pixel; else the sliding
+// (mode 0) or partition (mode 1) window); -1 and 0 for a masked query or one without candidates.
+// match_symmetric: both directions (dense only). match_backward: the gradients of both feature
+// maps given the gradient of the values and the saved indices.
 TORCH_LIBRARY(salign_kernels, m) {
   m.def(
-      "match(Tensor xa, Tensor xb, Tensor scale_a, Tensor scale_b, Tensor? mask_a, Tensor? mask_b, "
-      "int window, int mode) -> (Tensor, Tensor)");
+      "match(Tensor feat_a, Tensor feat_b, Tensor? mask_a, Tensor? mask_b, int window, int mode, bool normalize) "
+      "-> (Tensor, Tensor)");
   m.def(
-      "match_symmetric(Tensor xa, Tensor xb, Tensor scale_a, Tensor scale_b, Tensor? mask_a, Tensor? mask_b, "
-      "int window, int mode) -> (Tensor, Tensor, Tensor, Tensor)");
+      "match_symmetric(Tensor feat_a, Tensor feat_b, Tensor? mask_a, Tensor? mask_b, int window, int mode, "
+      "bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "match_backward(Tensor grad_values, Tensor xa, Tensor xb, Tensor scale_a, Tensor scale_b, Tensor indices) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "match_backward(Tensor grad_values, Tensor feat_a, Tensor feat_b, Tensor indices, bool normalize) "
+      "-> (Tensor, Tensor)");
   m.def("cpu_capability() -> str", &salign::cpu_capability);
 }
 

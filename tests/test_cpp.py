@@ -185,8 +185,8 @@ OPS = torch.ops.salign_kernels
 
 
 def op_args(**override):
-    xa, xb = torch.randn(2, 4, 5, 3), torch.randn(2, 4, 5, 3)
-    args = dict(xa=xa, xb=xb, scale_a=torch.ones(2, 4, 5), scale_b=torch.ones(2, 4, 5), mask_a=None, mask_b=None, window=0, mode=0)
+    args = dict(feat_a=torch.randn(2, 3, 4, 5), feat_b=torch.randn(2, 3, 4, 5), mask_a=None, mask_b=None,
+                window=0, mode=0, normalize=True)
     args.update(override)
     return list(args.values())
 
@@ -194,13 +194,11 @@ def op_args(**override):
 @pytest.mark.parametrize(
     "override,error,message",
     [
-        (dict(xa=torch.randn(2, 4, 5)), ValueError, r"xa must be pixel-major \(B, H, W, C\); got 3 dimensions"),
-        (dict(xb=torch.randn(2, 4, 5, 4)), ValueError, r"xa and xb must have the same shape"),
-        (dict(xb=torch.randn(2, 4, 5, 3, dtype=torch.float64)), TypeError, r"xa and xb must have the same dtype"),
-        (dict(xa=torch.zeros(2, 4, 5, 3, dtype=torch.int32), xb=torch.zeros(2, 4, 5, 3, dtype=torch.int32)), TypeError, r"xa must be float32, float64, float16 or bfloat16"),
-        (dict(xa=torch.randn(2, 0, 5, 3), xb=torch.randn(2, 0, 5, 3)), ValueError, r"xa must not be empty"),
-        (dict(scale_a=torch.ones(2, 4)), ValueError, r"scale_a must have shape \(B, H, W\)"),
-        (dict(scale_b=torch.ones(2, 4, 5, dtype=torch.float64)), TypeError, r"scale_b must be Float; got Double"),
+        (dict(feat_a=torch.randn(2, 3, 4)), ValueError, r"feat_a must be \(B, C, H, W\); got 3 dimensions"),
+        (dict(feat_b=torch.randn(2, 3, 4, 6)), ValueError, r"feat_a and feat_b must have the same shape"),
+        (dict(feat_b=torch.randn(2, 3, 4, 5, dtype=torch.float64)), TypeError, r"feat_a and feat_b must have the same dtype"),
+        (dict(feat_a=torch.zeros(2, 3, 4, 5, dtype=torch.int32), feat_b=torch.zeros(2, 3, 4, 5, dtype=torch.int32)), TypeError, r"feat_a must be float32, float64, float16 or bfloat16"),
+        (dict(feat_a=torch.randn(2, 0, 4, 5), feat_b=torch.randn(2, 0, 4, 5)), ValueError, r"feat_a must not be empty"),
         (dict(mask_a=torch.ones(2, 4, 5)), TypeError, r"mask_a must be bool; got Float"),
         (dict(mask_b=torch.ones(2, 5, 4, dtype=torch.bool)), ValueError, r"mask_b must have shape \(B, H, W\)"),
         (dict(window=-1), ValueError, r"window must be 0 \(dense\) or in \[1, max\(H, W\) = 5\]; got -1"),
@@ -227,14 +225,46 @@ def test_symmetric_op_is_dense_only():
         (dict(indices=torch.zeros(2, 4, 5, dtype=torch.int32)), TypeError, r"indices must be int64"),
         (dict(grad_values=torch.zeros(2, 4)), ValueError, r"grad_values must have shape"),
         (dict(grad_values=torch.zeros(2, 4, 5, dtype=torch.float64)), TypeError, r"grad_values must be Float"),
+        (dict(feat_b=torch.randn(2, 3, 5, 4)), ValueError, r"feat_a and feat_b must have the same shape"),
     ],
 )
 def test_backward_op_checks(override, error, message):
-    xa, xb, sa, sb = op_args()[:4]
-    args = dict(grad_values=torch.zeros(2, 4, 5), xa=xa, xb=xb, scale_a=sa, scale_b=sb, indices=torch.zeros(2, 4, 5, dtype=torch.long))
+    args = dict(grad_values=torch.zeros(2, 4, 5), feat_a=torch.randn(2, 3, 4, 5), feat_b=torch.randn(2, 3, 4, 5),
+                indices=torch.zeros(2, 4, 5, dtype=torch.long), normalize=True)
     args.update(override)
     with pytest.raises(error, match=message):
         OPS.match_backward(*args.values())
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_gradients_come_back_in_the_features_layout(layout):
+    from helpers import as_layout
+
+    a, b = (as_layout(x, layout).requires_grad_() for x in make_features((2, 6, 5, 7)))
+    loss = sk.local_alignment_loss(a, b, symmetric=True, backend="cpp")
+    grad_a, grad_b = torch.autograd.grad(loss, (a, b))
+    if layout == "channels_last":  # no layout copy on the way back
+        assert grad_a.is_contiguous(memory_format=torch.channels_last)
+        assert grad_b.is_contiguous(memory_format=torch.channels_last)
+    want = torch.autograd.grad(sk.local_alignment_loss(a, b, symmetric=True, backend="reference"), (a, b))
+    torch.testing.assert_close(grad_a, want[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_b, want[1], atol=1e-5, rtol=1e-4)
+
+
+def test_tiny_norms_follow_the_clamp():
+    """Pixels with ||x|| < 1e-12 are scaled by 1/eps, and their gradient skips the norm, as F.normalize."""
+    a, b = make_features((1, 4, 3, 3), torch.float64, seed=3)
+    a[0, :, 1, 1] *= 1e-14
+    b[0, :, 2, 0] *= 1e-14
+    a.requires_grad_()
+    b.requires_grad_()
+    for backend in ("cpp", "reference"):
+        loss = sk.local_alignment_loss(a, b, symmetric=True, normalize=True, backend=backend, reduction="sum")
+        grads = torch.autograd.grad(loss, (a, b))
+        if backend == "cpp":
+            got = (loss, *grads)
+    for g, w in zip(got, (loss, *grads)):
+        torch.testing.assert_close(g, w)
 
 
 # --- property test --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "cpu/match_kernels.h"
 
@@ -31,7 +32,7 @@ DType dtype_of(const at::Tensor& t) {
     case at::kDouble: return DType::Float64;
     case at::kHalf: return DType::Float16;
     case at::kBFloat16: return DType::BFloat16;
-    default: TORCH_CHECK_TYPE(false, "xa must be float32, float64, float16 or bfloat16; got ", t.scalar_type());
+    default: TORCH_CHECK_TYPE(false, "feat_a must be float32, float64, float16 or bfloat16; got ", t.scalar_type());
   }
   return DType::Float32;  // unreachable
 }
@@ -40,26 +41,28 @@ at::ScalarType accumulation_type(const at::Tensor& features) {
   return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The op contract of salign_kernels/ops/_common.py, checked; returns (B, H, W, C).
-std::array<int64_t, 4> check_features(const at::Tensor& xa, const at::Tensor& xb, const at::Tensor& scale_a,
-                                      const at::Tensor& scale_b) {
-  TORCH_CHECK_VALUE(xa.dim() == 4, "xa must be pixel-major (B, H, W, C); got ", xa.dim(), " dimensions");
-  TORCH_CHECK_VALUE(xa.sizes() == xb.sizes(), "xa and xb must have the same shape; got ", xa.sizes(), " and ",
-                    xb.sizes());
-  TORCH_CHECK_TYPE(xa.scalar_type() == xb.scalar_type(), "xa and xb must have the same dtype; got ",
-                   xa.scalar_type(), " and ", xb.scalar_type());
-  TORCH_CHECK_VALUE(xa.device().is_cpu() && xb.device().is_cpu(), "xa and xb must be CPU tensors");
-  TORCH_CHECK_VALUE(xa.numel() > 0, "xa must not be empty; got shape ", xa.sizes());
-  dtype_of(xa);
-  const auto acc = accumulation_type(xa);
-  for (const auto* s : {&scale_a, &scale_b}) {
-    const char* name = s == &scale_a ? "scale_a" : "scale_b";
-    TORCH_CHECK_VALUE(s->sizes() == xa.sizes().slice(0, 3), name, " must have shape (B, H, W) = ",
-                      xa.sizes().slice(0, 3), "; got ", s->sizes());
-    TORCH_CHECK_TYPE(s->scalar_type() == acc, name, " must be ", acc, "; got ", s->scalar_type());
-    TORCH_CHECK_VALUE(s->device().is_cpu(), name, " must be a CPU tensor");
-  }
-  return {xa.size(0), xa.size(1), xa.size(2), xa.size(3)};
+Features view_of(const at::Tensor& t) {
+  return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+FeatureGrad grad_view_of(at::Tensor& t) {
+  return {t.mutable_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Two (B, C, H, W) maps of one shape and floating dtype on the CPU, in any memory layout.
+void check_features(const at::Tensor& feat_a, const at::Tensor& feat_b) {
+  TORCH_CHECK_VALUE(feat_a.dim() == 4, "feat_a must be (B, C, H, W); got ", feat_a.dim(), " dimensions");
+  TORCH_CHECK_VALUE(feat_a.sizes() == feat_b.sizes(), "feat_a and feat_b must have the same shape; got ",
+                    feat_a.sizes(), " and ", feat_b.sizes());
+  TORCH_CHECK_TYPE(feat_a.scalar_type() == feat_b.scalar_type(), "feat_a and feat_b must have the same dtype; got ",
+                   feat_a.scalar_type(), " and ", feat_b.scalar_type());
+  TORCH_CHECK_VALUE(feat_a.device().is_cpu() && feat_b.device().is_cpu(), "feat_a and feat_b must be CPU tensors");
+  TORCH_CHECK_VALUE(feat_a.numel() > 0, "feat_a must not be empty; got shape ", feat_a.sizes());
+  dtype_of(feat_a);
+}
+
+std::vector<int64_t> bhw_of(const at::Tensor& feat) {
+  return {feat.size(0), feat.size(2), feat.size(3)};
 }
 
 const bool* mask_pointer(const std::optional<at::Tensor>& mask, const char* name, at::IntArrayRef bhw,
@@ -81,27 +84,22 @@ void check_window(int64_t window, int64_t mode, int64_t H, int64_t W) {
 }
 
 struct Prepared {
-  at::Tensor xa, xb, scale_a, scale_b, mask_a, mask_b;
+  at::Tensor mask_a, mask_b;  // keeps contiguous copies of the masks alive
   MatchArgs args;
 };
 
-Prepared prepare(const at::Tensor& xa, const at::Tensor& xb, const at::Tensor& scale_a, const at::Tensor& scale_b,
-                 const std::optional<at::Tensor>& mask_a, const std::optional<at::Tensor>& mask_b, int64_t window,
-                 int64_t mode) {
-  const auto [B, H, W, C] = check_features(xa, xb, scale_a, scale_b);
+Prepared prepare(const at::Tensor& feat_a, const at::Tensor& feat_b, const std::optional<at::Tensor>& mask_a,
+                 const std::optional<at::Tensor>& mask_b, int64_t window, int64_t mode, bool normalize) {
+  check_features(feat_a, feat_b);
+  const int64_t B = feat_a.size(0), C = feat_a.size(1), H = feat_a.size(2), W = feat_a.size(3);
   check_window(window, mode, H, W);
+  const auto bhw = bhw_of(feat_a);
   Prepared p;
-  p.xa = xa.contiguous();
-  p.xb = xb.contiguous();
-  p.scale_a = scale_a.contiguous();
-  p.scale_b = scale_b.contiguous();
-  const auto bhw = xa.sizes().slice(0, 3);
-  p.args = MatchArgs{dtype_of(xa),
-                     B, H, W, C,
-                     p.xa.const_data_ptr(),
-                     p.xb.const_data_ptr(),
-                     p.scale_a.const_data_ptr(),
-                     p.scale_b.const_data_ptr(),
+  p.args = MatchArgs{dtype_of(feat_a),
+                     B, C, H, W,
+                     view_of(feat_a),
+                     view_of(feat_b),
+                     normalize,
                      mask_pointer(mask_a, "mask_a", bhw, p.mask_a),
                      mask_pointer(mask_b, "mask_b", bhw, p.mask_b),
                      window,
@@ -112,13 +110,14 @@ Prepared prepare(const at::Tensor& xa, const at::Tensor& xb, const at::Tensor& s
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& xa, const at::Tensor& xb, const at::Tensor& scale_a,
-                                             const at::Tensor& scale_b, const std::optional<at::Tensor>& mask_a,
-                                             const std::optional<at::Tensor>& mask_b, int64_t window, int64_t mode) {
-  Prepared p = prepare(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode);
-  const auto bhw = xa.sizes().slice(0, 3);
-  auto values = at::empty(bhw, xa.options().dtype(accumulation_type(xa)));
-  auto indices = at::empty(bhw, xa.options().dtype(at::kLong));
+std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& feat_a, const at::Tensor& feat_b,
+                                             const std::optional<at::Tensor>& mask_a,
+                                             const std::optional<at::Tensor>& mask_b, int64_t window, int64_t mode,
+                                             bool normalize) {
+  Prepared p = prepare(feat_a, feat_b, mask_a, mask_b, window, mode, normalize);
+  const auto bhw = bhw_of(feat_a);
+  auto values = at::empty(bhw, feat_a.options().dtype(accumulation_type(feat_a)));
+  auto indices = at::empty(bhw, feat_a.options().dtype(at::kLong));
   p.args.values_ab = values.mutable_data_ptr();
   p.args.indices_ab = indices.mutable_data_ptr<int64_t>();
   kernel_table().forward(p.args);
@@ -126,15 +125,15 @@ std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& xa, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_symmetric_cpu(
-    const at::Tensor& xa, const at::Tensor& xb, const at::Tensor& scale_a, const at::Tensor& scale_b,
-    const std::optional<at::Tensor>& mask_a, const std::optional<at::Tensor>& mask_b, int64_t window, int64_t mode) {
+    const at::Tensor& feat_a, const at::Tensor& feat_b, const std::optional<at::Tensor>& mask_a,
+    const std::optional<at::Tensor>& mask_b, int64_t window, int64_t mode, bool normalize) {
   TORCH_CHECK_VALUE(window == 0, "match_symmetric fuses dense matching only (window = 0); got window ", window);
-  Prepared p = prepare(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode);
-  const auto bhw = xa.sizes().slice(0, 3);
-  const auto value_options = xa.options().dtype(accumulation_type(xa));
+  Prepared p = prepare(feat_a, feat_b, mask_a, mask_b, window, mode, normalize);
+  const auto bhw = bhw_of(feat_a);
+  const auto value_options = feat_a.options().dtype(accumulation_type(feat_a));
   auto values_ab = at::empty(bhw, value_options), values_ba = at::empty(bhw, value_options);
-  auto indices_ab = at::empty(bhw, xa.options().dtype(at::kLong));
-  auto indices_ba = at::empty(bhw, xa.options().dtype(at::kLong));
+  auto indices_ab = at::empty(bhw, feat_a.options().dtype(at::kLong));
+  auto indices_ba = at::empty(bhw, feat_a.options().dtype(at::kLong));
   p.args.values_ab = values_ab.mutable_data_ptr();
   p.args.indices_ab = indices_ab.mutable_data_ptr<int64_t>();
   p.args.values_ba = values_ba.mutable_data_ptr();
@@ -143,39 +142,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_symmetric_cpu(
   return {values_ab, indices_ab, values_ba, indices_ba};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_backward_cpu(
-    const at::Tensor& grad_values, const at::Tensor& xa, const at::Tensor& xb, const at::Tensor& scale_a,
-    const at::Tensor& scale_b, const at::Tensor& indices) {
-  const auto [B, H, W, C] = check_features(xa, xb, scale_a, scale_b);
-  const auto bhw = xa.sizes().slice(0, 3);
-  TORCH_CHECK_VALUE(grad_values.sizes() == bhw, "grad_values must have shape ", bhw, "; got ", grad_values.sizes());
-  TORCH_CHECK_TYPE(grad_values.scalar_type() == accumulation_type(xa), "grad_values must be ",
-                   accumulation_type(xa), "; got ", grad_values.scalar_type());
-  TORCH_CHECK_VALUE(indices.sizes() == bhw, "indices must have shape ", bhw, "; got ", indices.sizes());
+std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_values, const at::Tensor& feat_a,
+                                                      const at::Tensor& feat_b, const at::Tensor& indices,
+                                                      bool normalize) {
+  check_features(feat_a, feat_b);
+  const int64_t B = feat_a.size(0), C = feat_a.size(1), H = feat_a.size(2), W = feat_a.size(3);
+  const auto bhw = bhw_of(feat_a);
+  TORCH_CHECK_VALUE(grad_values.sizes() == at::IntArrayRef(bhw), "grad_values must have shape ", bhw, "; got ", grad_values.sizes());
+  TORCH_CHECK_TYPE(grad_values.scalar_type() == accumulation_type(feat_a), "grad_values must be ",
+                   accumulation_type(feat_a), "; got ", grad_values.scalar_type());
+  TORCH_CHECK_VALUE(indices.sizes() == at::IntArrayRef(bhw), "indices must have shape ", bhw, "; got ", indices.sizes());
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be int64; got ", indices.scalar_type());
   const auto n = H * W;
   const auto idx = indices.contiguous();
   const int64_t* raw = idx.const_data_ptr<int64_t>();
   const bool in_range = std::all_of(raw, raw + idx.numel(), [n](int64_t q) { return q >= -1 && q < n; });
   TORCH_CHECK_VALUE(in_range, "indices must lie in [-1, H * W = ", n, ")");
-  const auto g = grad_values.contiguous(), a = xa.contiguous(), b = xb.contiguous();
-  const auto ra = scale_a.contiguous(), rb = scale_b.contiguous();
-  auto grad_xa = at::empty_like(a), grad_xb = at::empty_like(b);
-  auto grad_ra = at::empty_like(ra), grad_rb = at::empty_like(rb);
-  const BackwardArgs args{dtype_of(a),
-                          B, n, C,
+  const auto g = grad_values.contiguous();
+  // Gradients in the layout of their features (channels-last stays channels-last, NCHW stays NCHW).
+  auto grad_a = at::empty_like(feat_a, at::MemoryFormat::Preserve);
+  auto grad_b = at::empty_like(feat_b, at::MemoryFormat::Preserve);
+  const BackwardArgs args{dtype_of(feat_a),
+                          B, C, H, W,
+                          view_of(feat_a),
+                          view_of(feat_b),
+                          normalize,
                           g.const_data_ptr(),
-                          a.const_data_ptr(),
-                          b.const_data_ptr(),
-                          ra.const_data_ptr(),
-                          rb.const_data_ptr(),
-                          idx.const_data_ptr<int64_t>(),
-                          grad_xa.mutable_data_ptr(),
-                          grad_xb.mutable_data_ptr(),
-                          grad_ra.mutable_data_ptr(),
-                          grad_rb.mutable_data_ptr()};
+                          raw,
+                          grad_view_of(grad_a),
+                          grad_view_of(grad_b)};
   kernel_table().backward(args);
-  return {grad_xa, grad_xb, grad_ra, grad_rb};
+  return {grad_a, grad_b};
 }
 
 std::string cpu_capability() {

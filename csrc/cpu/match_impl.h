@@ -3,22 +3,27 @@
 // -DCPU_CAPABILITY=<capability>, the macro that also names the inline namespace of at::vec, so the
 // variants never collide at link time. match_cpu.cpp picks one at run time.
 //
-// Notation: pixel-major features x[b][p][c], p = h * W + w, N = H * W; per-pixel scales r (inverse
-// norms, or ones). The similarity is s(p, q) = r_a[p] * r_b[q] * <xa_p, xb_q>; every kernel folds
-// the scales into float copies of the features it packs, so s(p, q) = <xa_p * r_a[p], xb_q * r_b[q]>.
+// Notation: features x[b][c][h][w] in any memory layout (read through their strides), pixels
+// p = h * W + w, N = H * W. With normalisation x_hat_p = x_p / max(||x_p||, 1e-12), the formula of
+// torch.nn.functional.normalize, else x_hat_p = x_p; the similarity is s(p, q) = <xa_hat_p, xb_hat_q>.
+// Every kernel normalises while it packs float copies of the pixels it reads, so normalisation costs
+// no pass of its own.
 //
 // Forward: for each valid query p, value = max over valid candidates q of s(p, q), index = the
 // lowest q attaining it. Candidates are visited in ascending q and a running best is replaced only
 // by a strictly larger value, so ties keep the lowest index without extra work.
 //
-// Non-finite input: a pixel whose scaled feature vector holds an Inf or NaN has a NaN similarity
-// with every pixel (as normalising such a vector gives NaN). The fast paths ignore NaN (ordered
-// compares are false) and each query is resolved afterwards, as torch.max does: a NaN query takes
-// its first candidate, otherwise the first non-finite candidate, with value NaN.
+// Non-finite input: a pixel whose normalised feature vector holds an Inf or NaN has a NaN
+// similarity with every pixel (normalising such a vector gives NaN). The fast paths ignore NaN
+// (ordered compares are false) and each query is resolved afterwards, as torch.max does: a NaN
+// query takes its first candidate, otherwise the first non-finite candidate, with value NaN.
 //
-// Backward (value[p] = r_a[p] r_b[q] d_p with d_p = <xa_p, xb_q>, q = index[p], g_p its gradient):
-//   d/dxa_p  = g_p r_a[p] r_b[q] xb_q                     d/dr_a[p] = g_p r_b[q] d_p
-//   d/dxb_q  = r_b[q] sum_{p -> q} g_p r_a[p] xa_p        d/dr_b[q] = sum_{p -> q} g_p r_a[p] d_p
+// Backward. value[p] = <xa_hat_p, xb_hat_q> with q = index[p] and upstream gradient g_p, so
+//   d/dxa_hat_p = g_p xb_hat_q          d/dxb_hat_q = G_q = sum_{p -> q} g_p xa_hat_p,
+// and through the normalisation (r = 1 / ||x||, when ||x|| >= eps; x_hat = x / eps below, r = 1/eps):
+//   d/dx = r (d/dx_hat - x_hat <x_hat, d/dx_hat>)
+// which is, with <xa_hat_p, xb_hat_q> = value[p] and <xb_hat_q, G_q> = S_q = sum_{p -> q} g_p value[p],
+//   d/dxa_p = r_a g_p (xb_hat_q - value[p] xa_hat_p)      d/dxb_q = r_b (G_q - S_q xb_hat_q).
 // The sums over "every p that chose q" run over an inverse index built by a counting sort, in
 // ascending p, so the result is the same whatever the number of threads (deterministic).
 #pragma once
@@ -30,6 +35,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -66,23 +72,27 @@ inline bool all_finite(const acc_t* x, int64_t n) {
   return smallest != 0;
 }
 
-// dst[k] = acc(src[k]) * scale for k < C. Returns false when a result is Inf or NaN.
-template <typename scalar_t, typename acc_t>
-inline bool load_scaled(const scalar_t* src, int64_t C, acc_t scale, acc_t* dst) {
-  for (int64_t k = 0; k < C; ++k) dst[k] = static_cast<acc_t>(src[k]) * scale;
-  return all_finite(dst, C);
+// The first element of pixel p of sample b.
+template <typename scalar_t>
+inline const scalar_t* pixel_ptr(const Features& f, int64_t b, int64_t p, int64_t W) {
+  return static_cast<const scalar_t*>(f.data) + b * f.stride_b + (p / W) * f.stride_h + (p % W) * f.stride_w;
 }
 
-// src as acc_t: the pointer itself when the types agree, else converted into buf.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* as_acc(const scalar_t* src, int64_t C, acc_t* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    for (int64_t k = 0; k < C; ++k) buf[k] = static_cast<acc_t>(src[k]);
-    return buf;
-  }
+template <typename scalar_t>
+inline scalar_t* pixel_ptr(const FeatureGrad& f, int64_t b, int64_t p, int64_t W) {
+  return static_cast<scalar_t*>(f.data) + b * f.stride_b + (p / W) * f.stride_h + (p % W) * f.stride_w;
 }
+
+template <typename acc_t>
+struct Loaded {
+  acc_t scale;   // 1 / max(||x||, eps), or 1 without normalisation
+  bool clamped;  // ||x|| < eps: the norm was replaced by eps (no gradient through it)
+  bool finite;   // every element of x_hat is finite
+};
+
+// dst[k] = x_hat[k] for the C channels of one pixel (stride_c apart), in the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline Loaded<acc_t> load_pixel(const scalar_t* src, int64_t stride_c, int64_t C, bool normalize, acc_t* dst);
 
 // <a, b> over C channels, vectorised.
 template <typename acc_t>
@@ -103,6 +113,25 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t C) {
     s1 = at::vec::fmadd(Vec::loadu(a + k, C - k), Vec::loadu(b + k, C - k), s1);
   }
   return at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return x + y; }, s0 + s1);
+}
+
+template <typename scalar_t, typename acc_t>
+inline Loaded<acc_t> load_pixel(const scalar_t* src, int64_t stride_c, int64_t C, bool normalize, acc_t* dst) {
+  constexpr acc_t kEps = acc_t(1e-12);  // the eps of torch.nn.functional.normalize
+  if (stride_c == 1) {
+    for (int64_t k = 0; k < C; ++k) dst[k] = static_cast<acc_t>(src[k]);
+  } else {
+    for (int64_t k = 0; k < C; ++k) dst[k] = static_cast<acc_t>(src[k * stride_c]);
+  }
+  Loaded<acc_t> out{acc_t(1), false, true};
+  if (normalize) {
+    const acc_t norm = std::sqrt(dot(dst, dst, C));
+    out.clamped = norm < kEps;
+    out.scale = acc_t(1) / (out.clamped ? kEps : norm);  // NaN stays NaN; Inf gives 0, then NaN below
+    for (int64_t k = 0; k < C; ++k) dst[k] *= out.scale;
+  }
+  out.finite = all_finite(dst, C);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,7 +182,7 @@ struct Tile {
 };
 
 // Valid candidates of one set, packed in ascending flat index, NR to a panel laid out [C][NR]
-// (channel k of the panel's NR candidates is NV contiguous vectors). Scales are folded in.
+// (channel k of the panel's NR candidates is NV contiguous vectors), normalised.
 template <typename acc_t>
 struct Panels {
   int64_t count = 0;
@@ -161,15 +190,15 @@ struct Panels {
   std::vector<acc_t> data;       // panels * C * NR
   std::vector<acc_t> bias;       // panels * NR: 0 for a candidate, -inf for a padding lane
   std::vector<int64_t> index;    // count: flat index of each packed candidate
-  std::vector<uint8_t> bad;      // count: 1 where the scaled feature is not finite
+  std::vector<uint8_t> bad;      // count: 1 where the normalised feature is not finite
   int64_t first_bad = -1;
 
   Candidates view() const { return {count, index.data(), first_bad}; }
 };
 
-// Packs the candidates listed in `index` (ascending) of one map x (N x C) with scales r.
+// Packs the candidates listed in `out.index` (ascending) of sample b of map f, normalised.
 template <typename scalar_t, typename acc_t>
-void pack_panels(const scalar_t* x, const acc_t* r, int64_t C, Panels<acc_t>& out,
+void pack_panels(const Features& f, int64_t b, int64_t W, int64_t C, bool normalize, Panels<acc_t>& out,
                  std::vector<acc_t>& row) {
   using T = Tile<acc_t>;
   out.count = static_cast<int64_t>(out.index.size());
@@ -180,30 +209,29 @@ void pack_panels(const scalar_t* x, const acc_t* r, int64_t C, Panels<acc_t>& ou
   out.first_bad = -1;
   row.resize(C);
   for (int64_t i = 0; i < out.count; ++i) {
-    const int64_t q = out.index[i];
-    const bool finite = load_scaled(x + q * C, C, r[q], row.data());
+    const auto loaded = load_pixel(pixel_ptr<scalar_t>(f, b, out.index[i], W), f.stride_c, C, normalize, row.data());
     acc_t* dst = out.data.data() + (i / T::NR) * C * T::NR + (i % T::NR);
     for (int64_t k = 0; k < C; ++k) dst[k * T::NR] = row[k];
     out.bias[i] = 0;
-    if (!finite) {
+    if (!loaded.finite) {
       out.bad[i] = 1;
       if (out.first_bad < 0) out.first_bad = i;
     }
   }
 }
 
-// Packs `rows` query rows (listed in `index`) into micro-tiles [groups][C][MR]; padding rows are 0.
-// bad[i] records a non-finite scaled row.
+// Packs `rows` query pixels (listed in `index`) of sample b of map f into micro-tiles
+// [groups][C][MR], normalised; padding rows are 0. bad[i] records a non-finite row.
 template <typename scalar_t, typename acc_t>
-void pack_queries(const scalar_t* x, const acc_t* r, int64_t C, const int64_t* index, int64_t rows,
-                  std::vector<acc_t>& out, uint8_t* bad, std::vector<acc_t>& row) {
+void pack_queries(const Features& f, int64_t b, int64_t W, int64_t C, bool normalize, const int64_t* index,
+                  int64_t rows, std::vector<acc_t>& out, uint8_t* bad, std::vector<acc_t>& row) {
   using T = Tile<acc_t>;
   const int64_t groups = (rows + T::MR - 1) / T::MR;
   out.assign(groups * C * T::MR, acc_t(0));
   row.resize(C);
   for (int64_t i = 0; i < rows; ++i) {
-    const int64_t p = index[i];
-    bad[i] = !load_scaled(x + p * C, C, r[p], row.data());
+    const auto loaded = load_pixel(pixel_ptr<scalar_t>(f, b, index[i], W), f.stride_c, C, normalize, row.data());
+    bad[i] = !loaded.finite;
     acc_t* dst = out.data() + (i / T::MR) * C * T::MR + (i % T::MR);
     for (int64_t k = 0; k < C; ++k) dst[k * T::MR] = row[k];
   }
@@ -336,11 +364,7 @@ inline void valid_pixels(const bool* mask, int64_t N, std::vector<int64_t>& out)
 template <typename scalar_t, typename acc_t>
 void dense_forward(const MatchArgs& args) {
   using T = Tile<acc_t>;
-  const int64_t B = args.B, N = args.H * args.W, C = args.C;
-  const auto* xa = static_cast<const scalar_t*>(args.xa);
-  const auto* xb = static_cast<const scalar_t*>(args.xb);
-  const auto* ra = static_cast<const acc_t*>(args.scale_a);
-  const auto* rb = static_cast<const acc_t*>(args.scale_b);
+  const int64_t B = args.B, W = args.W, N = args.H * args.W, C = args.C;
   auto* values_ab = static_cast<acc_t*>(args.values_ab);
   auto* values_ba = static_cast<acc_t*>(args.values_ba);
   const bool both = values_ba != nullptr;
@@ -356,7 +380,7 @@ void dense_forward(const MatchArgs& args) {
       valid_pixels(args.mask_a ? args.mask_a + b * N : nullptr, N, queries[b]);
       query_bad[b].assign(queries[b].size(), 0);
       valid_pixels(args.mask_b ? args.mask_b + b * N : nullptr, N, cands[b].index);
-      pack_panels<scalar_t, acc_t>(xb + b * N * C, rb + b * N, C, cands[b], row);
+      pack_panels<scalar_t, acc_t>(args.b, b, W, C, args.normalize, cands[b], row);
     }
   });
 
@@ -384,7 +408,7 @@ void dense_forward(const MatchArgs& args) {
       const int64_t rows = std::min<int64_t>(kTileRows, int64_t(queries[b].size()) - start);
       const int64_t* index = queries[b].data() + start;
       uint8_t* bad = query_bad[b].data() + start;
-      pack_queries<scalar_t, acc_t>(xa + b * N * C, ra + b * N, C, index, rows, packed, bad, row);
+      pack_queries<scalar_t, acc_t>(args.a, b, W, C, args.normalize, index, rows, packed, bad, row);
       acc_t* cb = both ? col_best.data() + tid * col_offset[B] + col_offset[b] : nullptr;
       int64_t* cp = both ? col_pos.data() + tid * col_offset[B] + col_offset[b] : nullptr;
       match_rows<acc_t>(packed.data(), rows, cands[b], C, best.data(), best_pos.data(), cb, cp, start);
@@ -436,18 +460,19 @@ void dense_forward(const MatchArgs& args) {
 template <typename scalar_t, typename acc_t>
 void window_forward(const MatchArgs& args) {
   const int64_t B = args.B, H = args.H, W = args.W, N = H * W, C = args.C, k = args.window;
-  const auto* ra = static_cast<const acc_t*>(args.scale_a);
-  const auto* rb = static_cast<const acc_t*>(args.scale_b);
   auto* values = static_cast<acc_t*>(args.values_ab);
   int64_t* indices = args.indices_ab;
 
-  // Scaled float copies of both maps (each candidate is read by up to k * k queries).
+  // Normalised, pixel-major float copies of both maps (each candidate is read by up to k * k queries).
   std::vector<acc_t> fa(B * N * C), fb(B * N * C);
   std::vector<uint8_t> bad_a(B * N), bad_b(B * N);
-  at::parallel_for(0, B * N, 256, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      bad_a[p] = !load_scaled(static_cast<const scalar_t*>(args.xa) + p * C, C, ra[p], fa.data() + p * C);
-      bad_b[p] = !load_scaled(static_cast<const scalar_t*>(args.xb) + p * C, C, rb[p], fb.data() + p * C);
+  at::parallel_for(0, B * N, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / N, p = i % N;
+      bad_a[i] = !load_pixel(pixel_ptr<scalar_t>(args.a, b, p, W), args.a.stride_c, C, args.normalize,
+                             fa.data() + i * C).finite;
+      bad_b[i] = !load_pixel(pixel_ptr<scalar_t>(args.b, b, p, W), args.b.stride_c, C, args.normalize,
+                             fb.data() + i * C).finite;
     }
   });
 
@@ -518,70 +543,81 @@ void forward_impl(const MatchArgs& args) {
 // Backward: gather for a, scatter for b through an inverse index
 // ---------------------------------------------------------------------------------------------
 
+// Writes C values (stride_c apart) as scalar_t: dst[k] = coef * (x[k] - shift * y[k]).
+template <typename scalar_t, typename acc_t>
+inline void write_combination(scalar_t* dst, int64_t stride_c, int64_t C, acc_t coef, const acc_t* x, acc_t shift,
+                              const acc_t* y) {
+  for (int64_t k = 0; k < C; ++k) dst[k * stride_c] = static_cast<scalar_t>(coef * (x[k] - shift * y[k]));
+}
+
+template <typename scalar_t>
+inline void write_zeros(scalar_t* dst, int64_t stride_c, int64_t C) {
+  for (int64_t k = 0; k < C; ++k) dst[k * stride_c] = scalar_t(0);
+}
+
 template <typename scalar_t, typename acc_t>
 void backward_impl(const BackwardArgs& args) {
-  const int64_t B = args.B, N = args.N, C = args.C;
+  const int64_t B = args.B, W = args.W, N = args.H * args.W, C = args.C;
+  const bool normalize = args.normalize;
   const auto* g = static_cast<const acc_t*>(args.grad_values);
-  const auto* xa = static_cast<const scalar_t*>(args.xa);
-  const auto* xb = static_cast<const scalar_t*>(args.xb);
-  const auto* ra = static_cast<const acc_t*>(args.scale_a);
-  const auto* rb = static_cast<const acc_t*>(args.scale_b);
   const int64_t* idx = args.indices;
-  auto* gxa = static_cast<scalar_t*>(args.grad_xa);
-  auto* gxb = static_cast<scalar_t*>(args.grad_xb);
-  auto* gra = static_cast<acc_t*>(args.grad_scale_a);
-  auto* grb = static_cast<acc_t*>(args.grad_scale_b);
 
-  // a: gather. Also keep w_p = g_p r_a[p] and d_p for b's sums.
-  std::vector<acc_t> weight(B * N), dots(B * N);
-  at::parallel_for(0, B * N, 64, [&](int64_t p0, int64_t p1) {
+  // a: gather. d/dxa_p = r_a g_p (xb_hat_q - value_p xa_hat_p), with value_p recomputed here;
+  // unnormalised: g_p xb_q. Keeps g_p and value_p for b's sums.
+  std::vector<acc_t> weight(B * N, acc_t(0)), value(B * N, acc_t(0));
+  at::parallel_for(0, B * N, 64, [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> fa(C), fb(C);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / N, q = idx[p];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / N, p = i % N, q = idx[i];
+      scalar_t* out = pixel_ptr<scalar_t>(args.grad_a, b, p, W);
       if (q < 0) {
-        std::fill(gxa + p * C, gxa + (p + 1) * C, scalar_t(0));
-        gra[p] = 0;
-        weight[p] = 0;
+        write_zeros(out, args.grad_a.stride_c, C);
         continue;
       }
-      const int64_t bq = b * N + q;
-      const acc_t* a_p = as_acc(xa + p * C, C, fa.data());
-      const acc_t* b_q = as_acc(xb + bq * C, C, fb.data());
-      const acc_t d = dot(a_p, b_q, C);
-      const acc_t coef = g[p] * ra[p] * rb[bq];
-      for (int64_t k = 0; k < C; ++k) gxa[p * C + k] = static_cast<scalar_t>(coef * b_q[k]);
-      gra[p] = g[p] * rb[bq] * d;
-      weight[p] = g[p] * ra[p];
-      dots[p] = d;
+      const auto la = load_pixel(pixel_ptr<scalar_t>(args.a, b, p, W), args.a.stride_c, C, normalize, fa.data());
+      load_pixel(pixel_ptr<scalar_t>(args.b, b, q, W), args.b.stride_c, C, normalize, fb.data());
+      const acc_t v = dot(fa.data(), fb.data(), C);
+      const acc_t project = (normalize && !la.clamped) ? v : acc_t(0);
+      write_combination(out, args.grad_a.stride_c, C, g[i] * la.scale, fb.data(), project, fa.data());
+      weight[i] = g[i];
+      value[i] = v;
     }
   });
 
   // b: the queries that chose each q, in ascending p (a counting sort per sample).
   std::vector<int64_t> start(B * N + 1, 0), chosen_by(B * N);
-  for (int64_t p = 0; p < B * N; ++p) {
-    if (idx[p] >= 0) ++start[(p / N) * N + idx[p] + 1];
+  for (int64_t i = 0; i < B * N; ++i) {
+    if (idx[i] >= 0) ++start[(i / N) * N + idx[i] + 1];
   }
   for (int64_t i = 0; i < B * N; ++i) start[i + 1] += start[i];
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t p = 0; p < B * N; ++p) {
-      if (idx[p] >= 0) chosen_by[fill[(p / N) * N + idx[p]]++] = p;
+    for (int64_t i = 0; i < B * N; ++i) {
+      if (idx[i] >= 0) chosen_by[fill[(i / N) * N + idx[i]]++] = i;
     }
   }
-  at::parallel_for(0, B * N, 64, [&](int64_t q0, int64_t q1) {
-    std::vector<acc_t> sum(C), fa(C);
-    for (int64_t q = q0; q < q1; ++q) {
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      acc_t scale_sum = 0;
-      for (int64_t i = start[q]; i < start[q + 1]; ++i) {
-        const int64_t p = chosen_by[i];
-        const acc_t* a_p = as_acc(xa + p * C, C, fa.data());
-        const acc_t w = weight[p];
-        for (int64_t k = 0; k < C; ++k) sum[k] += w * a_p[k];
-        scale_sum += weight[p] * dots[p];
+  // d/dxb_q = r_b (G_q - S_q xb_hat_q), G_q = sum g_p xa_hat_p, S_q = sum g_p value_p.
+  at::parallel_for(0, B * N, 64, [&](int64_t j0, int64_t j1) {
+    std::vector<acc_t> sum(C), fa(C), fb(C);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t b = j / N, q = j % N;
+      scalar_t* out = pixel_ptr<scalar_t>(args.grad_b, b, q, W);
+      if (start[j] == start[j + 1]) {  // chosen by no query
+        write_zeros(out, args.grad_b.stride_c, C);
+        continue;
       }
-      for (int64_t k = 0; k < C; ++k) gxb[q * C + k] = static_cast<scalar_t>(rb[q] * sum[k]);
-      grb[q] = scale_sum;
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      acc_t shift = 0;
+      for (int64_t s = start[j]; s < start[j + 1]; ++s) {
+        const int64_t i = chosen_by[s];
+        load_pixel(pixel_ptr<scalar_t>(args.a, b, i % N, W), args.a.stride_c, C, normalize, fa.data());
+        const acc_t w = weight[i];
+        for (int64_t k = 0; k < C; ++k) sum[k] += w * fa[k];
+        shift += w * value[i];
+      }
+      const auto lb = load_pixel(pixel_ptr<scalar_t>(args.b, b, q, W), args.b.stride_c, C, normalize, fb.data());
+      const acc_t project = (normalize && !lb.clamped) ? shift : acc_t(0);
+      write_combination(out, args.grad_b.stride_c, C, lb.scale, sum.data(), project, fb.data());
     }
   });
 }

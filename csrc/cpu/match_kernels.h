@@ -1,6 +1,6 @@
 // The interface between the op layer (match_cpu.cpp, which knows at::Tensor) and the kernels,
 // which are compiled once per CPU capability (match_default.cpp, match_avx2.cpp,
-// match_avx512.cpp; see setup.py) and know only raw pointers.
+// match_avx512.cpp; see setup.py) and know only raw pointers and strides.
 #pragma once
 
 #include <cstdint>
@@ -11,44 +11,49 @@ enum class DType : int { Float32, Float64, Float16, BFloat16 };
 
 enum class WindowMode : int { Sliding = 0, Partition = 1 };
 
+// A (B, C, H, W) feature map in any memory layout (contiguous, channels-last, strided views);
+// strides in elements.
+struct Features {
+  const void* data;
+  int64_t stride_b, stride_c, stride_h, stride_w;
+};
+
+// A gradient of the same shape, written through its own strides.
+struct FeatureGrad {
+  void* data;
+  int64_t stride_b, stride_c, stride_h, stride_w;
+};
+
 // One matching problem: queries in a, candidates in b (and, with the *_ba outputs set, the reverse
-// direction from the same pass). Pixel-major features, p = h * W + w:
-//   xa, xb          (B, N, C) contiguous, in `dtype`
-//   scale_a/_b      (B, N) in the accumulation type (float, or double for Float64)
-//   mask_a/_b       (B, N) bool, or nullptr for "all valid"
-//   values_*        (B, N) accumulation type; indices_* (B, N) int64
-// s(p, q) = scale_a[p] * scale_b[q] * <xa_p, xb_q>; window == 0 is dense matching.
+// direction from the same pass). Pixels p = h * W + w, N = H * W.
+//   x_hat = x / max(||x||, 1e-12) when `normalize`, else x;  s(p, q) = <xa_hat_p, xb_hat_q>
+//   mask_a/_b   (B, N) bool, contiguous, or nullptr for "all valid"
+//   values_*    (B, N) accumulation type (float, double for Float64); indices_* (B, N) int64
+// window == 0 is dense matching.
 struct MatchArgs {
   DType dtype;
-  int64_t B, H, W, C;
-  const void* xa;
-  const void* xb;
-  const void* scale_a;
-  const void* scale_b;
+  int64_t B, C, H, W;
+  Features a, b;
+  bool normalize;
   const bool* mask_a;
   const bool* mask_b;
   int64_t window;
   WindowMode mode;
   void* values_ab;
   int64_t* indices_ab;
-  void* values_ba;      // nullptr unless both directions are asked for (dense only)
+  void* values_ba;  // nullptr unless both directions are asked for (dense only)
   int64_t* indices_ba;
 };
 
-// Gradients through the saved indices (see salign_kernels/ops/_common.py for the formulas).
+// Gradients of the features through the saved indices, the normalisation included.
 struct BackwardArgs {
   DType dtype;
-  int64_t B, N, C;
+  int64_t B, C, H, W;
+  Features a, b;
+  bool normalize;
   const void* grad_values;  // (B, N) accumulation type
-  const void* xa;
-  const void* xb;
-  const void* scale_a;
-  const void* scale_b;
   const int64_t* indices;   // (B, N), -1 for invalid queries
-  void* grad_xa;            // (B, N, C) in dtype
-  void* grad_xb;
-  void* grad_scale_a;       // (B, N) accumulation type
-  void* grad_scale_b;
+  FeatureGrad grad_a, grad_b;
 };
 
 struct KernelTable {

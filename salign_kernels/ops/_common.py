@@ -1,8 +1,13 @@
-"""What the compiled backends (C++ on CPU, Triton on GPU) share: the op contract and its autograd.
+"""The pixel-major op contract of the Triton backend, its autograd, and the window encoding.
+
+The C++ backend shares :func:`encode_window` only: on a CPU every pass over the features costs
+memory bandwidth, so its ops take the features as they are and normalise inside the kernels (see
+:mod:`salign_kernels.ops.cpu`). On a GPU those passes are cheap next to the matching, and the
+pixel-major layout with separate scales keeps the kernels simple.
 
 The op contract
 ---------------
-Both backends implement the same two ops on pixel-major features:
+The ops take pixel-major features:
 
 ``forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode) -> (values, indices)``
     ``xa``, ``xb``: ``(B, H, W, C)`` contiguous, any supported float dtype (not upcast: the kernel

@@ -1,7 +1,12 @@
 """The C++ CPU backend: the compiled ops ``torch.ops.salign_kernels.*``, their fake
 implementations (so ``torch.compile`` traces them without a graph break) and their autograd.
 
-The op contract is in :mod:`salign_kernels.ops._common`; the kernels in ``csrc/cpu/``.
+Unlike the pixel-major contract of :mod:`salign_kernels.ops._common` (which the Triton backend
+uses), the C++ ops take the ``(B, C, H, W)`` features as they are, in any memory layout, and
+normalise inside the kernels; their backward writes the gradients of the features themselves, in
+the features' layout, the normalisation included. On a CPU, where every pass over ``B x C x H x W``
+values costs memory bandwidth, this saves the layout copies, the norms and their autograd.
+The kernels are in ``csrc/cpu/``; the op schemas in ``csrc/ops.cpp``.
 """
 
 from __future__ import annotations
@@ -9,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from .._backend import BackendStatus
-from . import _common
+from .._dtypes import accumulation_dtype
+from ._common import encode_window
 
 name = "cpp"
 
@@ -42,7 +48,8 @@ def capability() -> str:
 
 def match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
     """One direction, a -> b; see :func:`salign_kernels.dense_match` / ``window_match``."""
-    return torch.ops.salign_kernels.match(*_common.op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize))
+    window_code, mode_code = encode_window(window, mode)
+    return torch.ops.salign_kernels.match(feat_a, feat_b, mask_a, mask_b, window_code, mode_code, normalize)
 
 
 def match_symmetric(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
@@ -52,28 +59,65 @@ def match_symmetric(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
             match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize),
             match(feat_b, feat_a, window, mode, mask_b, mask_a, normalize),
         ]
+    window_code, mode_code = encode_window(window, mode)
     values_ab, indices_ab, values_ba, indices_ba = torch.ops.salign_kernels.match_symmetric(
-        *_common.op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
+        feat_a, feat_b, mask_a, mask_b, window_code, mode_code, normalize
     )
     return [(values_ab, indices_ab), (values_ba, indices_ba)]
 
 
+def _values_like(feat):
+    B, _, H, W = feat.shape
+    return feat.new_empty((B, H, W), dtype=accumulation_dtype(feat.dtype))
+
+
+def _indices_like(feat):
+    B, _, H, W = feat.shape
+    return feat.new_empty((B, H, W), dtype=torch.int64)
+
+
 def _register() -> None:
+    backward = torch.ops.salign_kernels.match_backward
+
     @torch.library.register_fake("salign_kernels::match")
-    def _match_fake(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode):
-        return _common.shape_values(xa)
+    def _match_fake(feat_a, feat_b, mask_a, mask_b, window, mode, normalize):
+        return _values_like(feat_a), _indices_like(feat_a)
 
     @torch.library.register_fake("salign_kernels::match_symmetric")
-    def _match_symmetric_fake(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode):
-        return (*_common.shape_values(xa), *_common.shape_values(xb))
+    def _match_symmetric_fake(feat_a, feat_b, mask_a, mask_b, window, mode, normalize):
+        return _values_like(feat_a), _indices_like(feat_a), _values_like(feat_b), _indices_like(feat_b)
 
     @torch.library.register_fake("salign_kernels::match_backward")
-    def _match_backward_fake(grad_values, xa, xb, scale_a, scale_b, indices):
-        return _common.backward_shapes(xa, xb, scale_a, scale_b)
+    def _match_backward_fake(grad_values, feat_a, feat_b, indices, normalize):
+        return torch.empty_like(feat_a), torch.empty_like(feat_b)
 
-    backward = torch.ops.salign_kernels.match_backward
-    _common.register_match_autograd("salign_kernels::match", backward)
-    _common.register_symmetric_autograd("salign_kernels::match_symmetric", backward)
+    # Autograd: the values are differentiable in both feature maps, the indices are not.
+    def setup_one(ctx, inputs, output):
+        feat_a, feat_b, *_, normalize = inputs
+        ctx.normalize = normalize
+        ctx.save_for_backward(feat_a, feat_b, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_one(ctx, grad_values, _grad_indices):
+        feat_a, feat_b, indices = ctx.saved_tensors
+        grad_a, grad_b = backward(grad_values.contiguous(), feat_a, feat_b, indices, ctx.normalize)
+        return grad_a, grad_b, None, None, None, None, None
+
+    def setup_both(ctx, inputs, output):
+        feat_a, feat_b, *_, normalize = inputs
+        ctx.normalize = normalize
+        ctx.save_for_backward(feat_a, feat_b, output[1], output[3])
+        ctx.mark_non_differentiable(output[1], output[3])
+
+    def backward_both(ctx, grad_ab, _grad_indices_ab, grad_ba, _grad_indices_ba):
+        # b -> a is the one-way backward with the roles of a and b swapped.
+        feat_a, feat_b, indices_ab, indices_ba = ctx.saved_tensors
+        grad_a, grad_b = backward(grad_ab.contiguous(), feat_a, feat_b, indices_ab, ctx.normalize)
+        grad_b2, grad_a2 = backward(grad_ba.contiguous(), feat_b, feat_a, indices_ba, ctx.normalize)
+        return grad_a + grad_a2, grad_b + grad_b2, None, None, None, None, None
+
+    torch.library.register_autograd("salign_kernels::match", backward_one, setup_context=setup_one)
+    torch.library.register_autograd("salign_kernels::match_symmetric", backward_both, setup_context=setup_both)
 
 
 if _LOAD_ERROR is None:

@@ -2,8 +2,8 @@
 
 All three are ``torch.library`` custom ops with fake (shape-only) implementations, so ``torch.compile``
 traces a training step through them without a graph break, and the forward is differentiable
-through the backward op (``register_match_autograd``, ``register_symmetric_autograd``). They implement the op contract of
-:mod:`salign_kernels.ops._common`, the same as the C++ CPU backend:
+through the backward op (``register_match_autograd``, ``register_symmetric_autograd``). They
+implement the pixel-major op contract of :mod:`salign_kernels.ops._common`:
 
 ``match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode) -> (values, indices)``
     ``s(p, q) = scale_a[p] * scale_b[q] * <xa_p, xb_q>``; ``values[p] = max`` over the candidates,
