@@ -555,31 +555,53 @@ inline void write_zeros(scalar_t* dst, int64_t stride_c, int64_t C) {
   for (int64_t k = 0; k < C; ++k) dst[k * stride_c] = scalar_t(0);
 }
 
+// Normalised, pixel-major float copies of one map: the backward's gathers at arbitrary pixels then
+// read C contiguous values instead of C values a whole map apart.
+template <typename scalar_t, typename acc_t>
+struct PixelMajor {
+  std::vector<acc_t> x;        // (B * N, C)
+  std::vector<acc_t> scale;    // (B * N): 1 / max(||x||, eps), or 1
+  std::vector<uint8_t> clamped;
+  int64_t channels;
+
+  PixelMajor(const Features& f, int64_t B, int64_t N, int64_t W, int64_t C, bool normalize)
+      : x(B * N * C), scale(B * N), clamped(B * N), channels(C) {
+    at::parallel_for(0, B * N, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const auto loaded = load_pixel(pixel_ptr<scalar_t>(f, i / N, i % N, W), f.stride_c, C, normalize,
+                                       x.data() + i * C);
+        scale[i] = loaded.scale;
+        clamped[i] = loaded.clamped;
+      }
+    });
+  }
+  const acc_t* row(int64_t i) const { return x.data() + i * channels; }
+};
+
 template <typename scalar_t, typename acc_t>
 void backward_impl(const BackwardArgs& args) {
   const int64_t B = args.B, W = args.W, N = args.H * args.W, C = args.C;
   const bool normalize = args.normalize;
   const auto* g = static_cast<const acc_t*>(args.grad_values);
   const int64_t* idx = args.indices;
+  const PixelMajor<scalar_t, acc_t> fa(args.a, B, N, W, C, normalize), fb(args.b, B, N, W, C, normalize);
 
   // a: gather. d/dxa_p = r_a g_p (xb_hat_q - value_p xa_hat_p), with value_p recomputed here;
-  // unnormalised: g_p xb_q. Keeps g_p and value_p for b's sums.
-  std::vector<acc_t> weight(B * N, acc_t(0)), value(B * N, acc_t(0));
+  // unnormalised: g_p xb_q. Keeps value_p for b's sums.
+  std::vector<acc_t> value(B * N, acc_t(0));
   at::parallel_for(0, B * N, 64, [&](int64_t i0, int64_t i1) {
-    std::vector<acc_t> fa(C), fb(C);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / N, p = i % N, q = idx[i];
-      scalar_t* out = pixel_ptr<scalar_t>(args.grad_a, b, p, W);
+      const int64_t b = i / N, q = idx[i];
+      scalar_t* out = pixel_ptr<scalar_t>(args.grad_a, b, i % N, W);
       if (q < 0) {
         write_zeros(out, args.grad_a.stride_c, C);
         continue;
       }
-      const auto la = load_pixel(pixel_ptr<scalar_t>(args.a, b, p, W), args.a.stride_c, C, normalize, fa.data());
-      load_pixel(pixel_ptr<scalar_t>(args.b, b, q, W), args.b.stride_c, C, normalize, fb.data());
-      const acc_t v = dot(fa.data(), fb.data(), C);
-      const acc_t project = (normalize && !la.clamped) ? v : acc_t(0);
-      write_combination(out, args.grad_a.stride_c, C, g[i] * la.scale, fb.data(), project, fa.data());
-      weight[i] = g[i];
+      const acc_t* a_p = fa.row(i);
+      const acc_t* b_q = fb.row(b * N + q);
+      const acc_t v = dot(a_p, b_q, C);
+      const acc_t project = (normalize && !fa.clamped[i]) ? v : acc_t(0);
+      write_combination(out, args.grad_a.stride_c, C, g[i] * fa.scale[i], b_q, project, a_p);
       value[i] = v;
     }
   });
@@ -598,10 +620,9 @@ void backward_impl(const BackwardArgs& args) {
   }
   // d/dxb_q = r_b (G_q - S_q xb_hat_q), G_q = sum g_p xa_hat_p, S_q = sum g_p value_p.
   at::parallel_for(0, B * N, 64, [&](int64_t j0, int64_t j1) {
-    std::vector<acc_t> sum(C), fa(C), fb(C);
+    std::vector<acc_t> sum(C);
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t b = j / N, q = j % N;
-      scalar_t* out = pixel_ptr<scalar_t>(args.grad_b, b, q, W);
+      scalar_t* out = pixel_ptr<scalar_t>(args.grad_b, j / N, j % N, W);
       if (start[j] == start[j + 1]) {  // chosen by no query
         write_zeros(out, args.grad_b.stride_c, C);
         continue;
@@ -610,14 +631,13 @@ void backward_impl(const BackwardArgs& args) {
       acc_t shift = 0;
       for (int64_t s = start[j]; s < start[j + 1]; ++s) {
         const int64_t i = chosen_by[s];
-        load_pixel(pixel_ptr<scalar_t>(args.a, b, i % N, W), args.a.stride_c, C, normalize, fa.data());
-        const acc_t w = weight[i];
-        for (int64_t k = 0; k < C; ++k) sum[k] += w * fa[k];
+        const acc_t* a_p = fa.row(i);
+        const acc_t w = g[i];
+        for (int64_t k = 0; k < C; ++k) sum[k] += w * a_p[k];
         shift += w * value[i];
       }
-      const auto lb = load_pixel(pixel_ptr<scalar_t>(args.b, b, q, W), args.b.stride_c, C, normalize, fb.data());
-      const acc_t project = (normalize && !lb.clamped) ? shift : acc_t(0);
-      write_combination(out, args.grad_b.stride_c, C, lb.scale, sum.data(), project, fb.data());
+      const acc_t project = (normalize && !fb.clamped[j]) ? shift : acc_t(0);
+      write_combination(out, args.grad_b.stride_c, C, fb.scale[j], sum.data(), project, fb.row(j));
     }
   });
 }
