@@ -47,12 +47,13 @@ check: $(STAMP)
 # CPU benchmarks (pytest-benchmark): JSON, a markdown table, a summary of the speed goals, a plot.
 BENCH_OUT ?= benchmarks/results
 BENCH_ARGS ?=
+BENCH_README ?= README.md  # whose benchmark section the tables replace; empty: leave it
 bench: $(STAMP)
 	$(PIP) install -q "matplotlib>=3.5"  # the plot; the rest is in the test extra
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m pytest benchmarks -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
 		--benchmark-json=$(BENCH_OUT)/cpu.json --benchmark-columns=min,median,max,rounds $(BENCH_ARGS)
-	$(PY) -m benchmarks.render $(BENCH_OUT)/cpu.json --out $(BENCH_OUT)
+	$(PY) -m benchmarks.render $(BENCH_OUT)/cpu.json --out $(BENCH_OUT) $(if $(BENCH_README),--readme $(BENCH_README))
 
 # On a GPU machine with torch (CUDA), triton, pytest and pytest-benchmark: no virtualenv, the
 # machine's python3 as it is. Runs the GPU tests and benchmarks and writes JSON into $(OUT).

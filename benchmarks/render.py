@@ -3,7 +3,8 @@
     python -m benchmarks.render benchmarks/results/cpu.json --out benchmarks/results
 
 writes ``<name>.md`` (tables), ``<name>-summary.json`` (the bars: measured ratio, goal, met) and
-``<name>.png`` (speed-ups of the full step) beside each other.
+``<name>.png`` (speed-ups of the full step) beside each other; with ``--readme README.md`` the
+tables also replace the README's benchmark section (between its markers).
 """
 
 from __future__ import annotations
@@ -178,10 +179,27 @@ def plot(rows, path):
     return True
 
 
+README_START = "<!-- cpu-benchmarks:start (written by make bench) -->"
+README_END = "<!-- cpu-benchmarks:end -->"
+
+
+def update_readme(path: str, text: str) -> None:
+    """Replace the text between the README's benchmark markers with ``text``."""
+    with open(path) as f:
+        readme = f.read()
+    if README_START not in readme or README_END not in readme:
+        raise SystemExit(f"{path} has no benchmark markers ({README_START} ... {README_END})")
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w") as f:
+        f.write(head + README_START + "\n" + text + README_END + tail)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="pytest-benchmark JSON")
     parser.add_argument("--out", default=None, help="folder for the outputs (default: beside the JSON)")
+    parser.add_argument("--readme", default=None, help="a README whose benchmark section to rewrite")
     args = parser.parse_args()
     data, rows = load(args.results)
     out = args.out or os.path.dirname(args.results)
@@ -194,6 +212,8 @@ def main():
     with open(os.path.join(out, f"{name}-summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plot(rows, os.path.join(out, f"{name}.png"))
+    if args.readme:
+        update_readme(args.readme, text)
     print(text)
 
 

@@ -525,3 +525,21 @@ def test_cuda_memory_of_the_largest_case():
     torch.testing.assert_close(values[0].flatten()[:64], want_values[0], atol=2e-5, rtol=2e-5)
     differ = indices[0].flatten()[:64] != want_indices[0]
     assert differ.float().mean() < 0.05  # near-ties only
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+@pytest.mark.parametrize("window,mode", [(5, "sliding"), (7, "sliding"), (4, "partition")])
+def test_window_offsets_in_several_chunks(device, monkeypatch, chunk, window, mode):
+    """On a GPU the window kernel takes the k x k offsets a few at a time (the interpreter takes all
+    at once): force that here, so the running best across chunks is checked too."""
+    from salign_kernels.ops.triton import window as window_module
+
+    monkeypatch.setattr(window_module, "block_j", lambda *args, **kwargs: chunk)
+    shape = (2, 6, 9, 11)
+    a, b = (x.to(device) for x in make_features(shape, seed=21))
+    mask_b = make_mask(shape, 0.7, 22).to(device)
+    # Exact ties across chunks: the first candidate must win, as within one chunk.
+    b[:, :, 4, 5] = b[:, :, 4, 7]
+    got = sk.window_match(a, b, window, mode=mode, mask_b=mask_b, backend="triton")
+    want = reference.window_match(a.cpu(), b.cpu(), window, mode, None, mask_b.cpu())
+    assert_same_matches((got[0].cpu(), got[1].cpu()), want, a.cpu(), b.cpu())

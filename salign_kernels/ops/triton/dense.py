@@ -12,12 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._argmax import NO_HIT, block_argmax, fold_best
 from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
-
-# Index keys of the tile reduction: a NaN column keeps its index q < 2**30, a column at the row's
-# max becomes q + _SHIFT, anything else _NO_HIT. So N must stay below 2**30 (checked by the op).
-_SHIFT = 2**30
-_NO_HIT = 2**31 - 1
 
 
 @triton.jit
@@ -64,7 +60,6 @@ def _dense_match_fwd_kernel(
     if SYMMETRIC:
         sa_rows = tl.load(sa_ptr + base + rows, mask=row_in, other=0.0)
         row_bias = tl.where(row_in, 0.0, float("-inf"))
-        first_in = tl.min(tl.where(row_in, rows, _NO_HIT), 0)
 
     if SINGLE_K:  # the whole C-vector of every query stays resident for the entire scan
         a_res = tl.load(a_rows + ks[None, :], mask=row_in[:, None] & (ks < C)[None, :], other=0.0)
@@ -107,37 +102,14 @@ def _dense_match_fwd_kernel(
         bias = tl.where(col_ok, 0.0, float("-inf"))
         s = acc * sb[None, :] + bias[None, :]  # (BLOCK_M, BLOCK_N); -inf where no candidate
 
-        # Row max and the lowest column attaining it, with NaN winning as in torch.max. tl.max
-        # skips NaN (compiled and interpreted alike), so NaN is found through the index: NaN
-        # columns keep their index, columns at the max are shifted past every NaN column, and one
-        # min-reduction gives the first NaN if any, else the first maximiser.
-        tile_max = tl.max(s, 1)
-        at_max = tl.where(s == tile_max[:, None], cols[None, :] + _SHIFT, _NO_HIT)
-        key = tl.where(s != s, cols[None, :], at_max)
-        tile_key = tl.min(key, 1)
-        tile_nan = tile_key < _SHIFT
-        tile_arg = tl.where(tile_nan, tile_key, tile_key - _SHIFT)
-        tile_max = tl.where(tile_nan, float("nan"), tile_max)
-        # A row whose every candidate here is -inf (raw features with infinities) still takes one.
-        first_ok = tl.min(tl.where(col_ok, cols, _NO_HIT), 0)
-        tile_arg = tl.where(tile_max == float("-inf"), first_ok, tile_arg)
-        # Strictly greater wins, so earlier tiles (lower indices) keep ties; NaN beats any number
-        # and the first NaN stays.
-        better = (tile_max > best) | (tile_nan & (best == best))
-        better = better | ((best_idx < 0) & (first_ok < _NO_HIT))
-        best = tl.where(better, tile_max, best)
-        best_idx = tl.where(better, tile_arg, best_idx)
+        # Row max and the lowest column attaining it (NaN wins, as in torch.max), merged into the
+        # running best: strictly greater wins, so earlier tiles (lower indices) keep ties.
+        top, arg, is_nan, first_ok = block_argmax(s, cols[None, :], col_ok[None, :], 1)
+        best, best_idx = fold_best(best, best_idx, top, arg, is_nan, first_ok)
 
         if SYMMETRIC:  # the same reduction down the columns: queries q of b, candidates p of a
             t = acc * sa_rows[:, None] + row_bias[:, None]
-            col_max = tl.max(t, 0)
-            at_max = tl.where(t == col_max[None, :], rows[:, None] + _SHIFT, _NO_HIT)
-            ckey = tl.where(t != t, rows[:, None], at_max)
-            col_key = tl.min(ckey, 0)
-            col_nan = col_key < _SHIFT
-            col_arg = tl.where(col_nan, col_key, col_key - _SHIFT)
-            col_max = tl.where(col_nan, float("nan"), col_max)
-            col_arg = tl.where(col_max == float("-inf"), first_in, col_arg)  # _NO_HIT: no row takes part
+            col_max, col_arg, _, _ = block_argmax(t, rows[:, None], row_in[:, None], 0)  # NO_HIT: no row
             part = (batch * tl.num_programs(0) + pid_m) * N + cols
             tl.store(part_val_ptr + part, col_max, mask=cols < N)
             tl.store(part_idx_ptr + part, col_arg, mask=cols < N)
@@ -170,8 +142,8 @@ def _column_reduce_kernel(
     for m in range(0, NUM_BLOCKS):
         part = (batch * NUM_BLOCKS + m) * N + cols
         v = tl.load(part_val_ptr + part, mask=col_ok, other=float("-inf"))
-        i = tl.load(part_idx_ptr + part, mask=col_ok, other=_NO_HIT)
-        has = i != _NO_HIT
+        i = tl.load(part_idx_ptr + part, mask=col_ok, other=NO_HIT)
+        has = i != NO_HIT
         better = (v > best) | ((v != v) & (best == best)) | (best_idx < 0)
         better = better & has
         best = tl.where(better, v, best)

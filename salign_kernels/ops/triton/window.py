@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .._common import WINDOW_MODES
 from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
-from .dense import _NO_HIT, _SHIFT
+from ._argmax import block_argmax, fold_best
 
 
 @triton.jit
@@ -95,20 +95,9 @@ def _window_match_fwd_kernel(
         sb = tl.load(sb_ptr + base + cq, mask=ok, other=0.0)
         s = tl.where(ok, d * sb, float("-inf"))  # (Q, J)
 
-        # As in the dense kernel: the lowest q at the max, or the lowest NaN (NaN wins).
-        chunk_max = tl.max(s, 1)
-        key = tl.where(s != s, cq, tl.where(s == chunk_max[:, None], cq + _SHIFT, _NO_HIT))
-        chunk_key = tl.min(key, 1)
-        chunk_nan = chunk_key < _SHIFT
-        chunk_arg = tl.where(chunk_nan, chunk_key, chunk_key - _SHIFT)
-        chunk_max = tl.where(chunk_nan, float("nan"), chunk_max)
-        # A query whose every candidate here is -inf (raw features with infinities) still takes one.
-        first_ok = tl.min(tl.where(ok, cq, _NO_HIT), 1)
-        chunk_arg = tl.where(chunk_max == float("-inf"), first_ok, chunk_arg)
-        better = (chunk_max > best) | (chunk_nan & (best == best))
-        better = better | ((best_idx < 0) & (first_ok < _NO_HIT))
-        best = tl.where(better, chunk_max, best)
-        best_idx = tl.where(better, chunk_arg, best_idx)
+        # The lowest q at the chunk's max (the lowest NaN: NaN wins), merged into the running best.
+        chunk_max, chunk_arg, chunk_nan, first_ok = block_argmax(s, cq, ok, 1)
+        best, best_idx = fold_best(best, best_idx, chunk_max, chunk_arg, chunk_nan, first_ok)
 
     valid = row_ok & (best_idx >= 0)
     if HAS_MASK_A:
