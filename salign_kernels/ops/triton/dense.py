@@ -223,6 +223,23 @@ def fixed_blocks(N: int, is_f64: bool, interpreted: bool):
     return tile, tile
 
 
+def _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices, part_val, part_idx,
+                      flags, symmetric: bool):
+    """The dense kernel's positional arguments and compile-time constants, block sizes aside."""
+    C = xa.shape[3]
+    N = xa.shape[1] * xa.shape[2]
+    BLOCK_K = block_k(C, flags["IS_F64"])
+    args = (
+        xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
+        values, indices, part_val, part_idx, N, C, shape_class(N),
+    )
+    constants = dict(
+        HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None, SYMMETRIC=symmetric,
+        BLOCK_K=BLOCK_K, SINGLE_K=C <= BLOCK_K, **flags,
+    )
+    return args, constants
+
+
 def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     """Launch the dense kernel. Arguments as the op contract; returns ``(values, indices)`` (B, H, W).
 
@@ -234,15 +251,9 @@ def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
-    BLOCK_K = block_k(C, flags["IS_F64"])
-    args = (
-        xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
-        values, indices, values, indices, N, C, shape_class(N),
-    )
-    constants = dict(
-        HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None, SYMMETRIC=False,
-        BLOCK_K=BLOCK_K, SINGLE_K=C <= BLOCK_K, **flags,
-    )
+    # The partials are not written on the one-way path: values and indices stand in for them.
+    args, constants = _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices,
+                                        values, indices, flags, symmetric=False)
     if _TUNED_KERNEL is not None and not flags["IS_F64"] and N >= AUTOTUNE_MIN_PIXELS:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B)  # noqa: E731
         _TUNED_KERNEL[grid](*args, **constants)
@@ -282,19 +293,12 @@ def dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
     values_ba = torch.empty_like(values)
     indices_ba = torch.empty_like(indices)
-    BLOCK_K = block_k(C, flags["IS_F64"])
     BLOCK_M = symmetric_block_m(N, xa.dtype, INTERPRETED)
     num_blocks = triton.cdiv(N, BLOCK_M)
     part_val = torch.empty((B, num_blocks, N), dtype=scale_a.dtype, device=xa.device)
     part_idx = torch.empty((B, num_blocks, N), dtype=torch.int32, device=xa.device)
-    args = (
-        xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
-        values, indices, part_val, part_idx, N, C, shape_class(N),
-    )
-    constants = dict(
-        HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None, SYMMETRIC=True,
-        BLOCK_K=BLOCK_K, SINGLE_K=C <= BLOCK_K, **flags,
-    )
+    args, constants = _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices,
+                                        part_val, part_idx, flags, symmetric=True)
     grid = (num_blocks, B)
     if _TUNED_SYMMETRIC is not None and BLOCK_M in _TUNED_SYMMETRIC and N >= AUTOTUNE_MIN_PIXELS:
         _TUNED_SYMMETRIC[BLOCK_M][grid](*args, **constants)
