@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import math
 import os
@@ -129,7 +130,8 @@ def setup_distributed(device: torch.device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    # A bounded wait: a process that loses its peer fails with an error instead of hanging.
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=5))
     return dist.get_rank(), world, device
 
 
@@ -397,6 +399,9 @@ def pretrain(args) -> Dict:
                 f"{100 * st['within_one_cell']:.1f}% within one feature cell")
         log(f"wrote {args.out / 'sal_pretrain.pt'}, {args.out / 'sal_matches.png'}, {args.out / 'sal_curves.png'}")
     if world > 1:
+        # Leave together: the first process writes pictures while the others would already be
+        # tearing gloo down, and a process group torn down at different times can hang.
+        dist.barrier()
         dist.destroy_process_group()
     return checkpoint
 

@@ -4,6 +4,9 @@ variant, determinism, torch.compile, the ops' own checks, and a property test ov
 from __future__ import annotations
 
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 
@@ -299,3 +302,22 @@ def test_property_matches_the_reference(problem):
     got = (sk.window_match(a, b, window, mode=mode, backend="cpp", **kw) if window else sk.dense_match(a, b, backend="cpp", **kw))
     want = reference.match(a, b, window, mode, mask_a, mask_b, problem["normalize"])
     assert_same_matches(got, want, a, b, problem["normalize"], atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() != "x86_64", reason="needs objdump on x86-64")
+def test_only_the_avx_variants_contain_avx_instructions():
+    """The DEFAULT kernels must run on any x86-64 CPU: no function outside the AVX2/AVX512 namespaces
+    may use ymm/zmm registers (an inline function the linker took from the AVX-512 unit would)."""
+    import salign_kernels._C as extension
+
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", extension.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    function, offenders = None, set()
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+        elif function and re.search(r"%[yz]mm\d", line):
+            if not re.search(r"(salign|at::vec)::AVX(2|512)::|\[clone \.", function):  # IPA clones are TU-local
+                offenders.add(function)
+    assert not offenders, sorted(offenders)[:10]

@@ -8,6 +8,7 @@ DDP's average of the two halves' gradients must equal the single process's gradi
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,9 +40,18 @@ def first_step(tmp_path: Path, name: str, processes: int, flags) -> dict:
     else:
         command = [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
-    return {"stdout": result.stdout, **torch.load(dump, weights_only=False)}
+    # A session of its own, killed whole on timeout: a worker left behind by torchrun would keep
+    # the output pipes open and the wait would never end.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{name} did not finish in 300 s:\n{stdout}\n{stderr}")
+    assert process.returncode == 0, f"{name} failed:\n{stdout}\n{stderr}"
+    return {"stdout": stdout, **torch.load(dump, weights_only=False)}
 
 
 @pytest.mark.parametrize("flags", [["--fg-threshold", "none"], ["--fg-threshold", "none", "--window", "3"]],
