@@ -70,10 +70,32 @@ def environment(cpu_smoke: bool) -> dict:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         info.update(device=name, capability=list(torch.cuda.get_device_capability()),
-                    bf16_peak_tflops=bf16_peak_tflops(name))
+                    bf16_peak_tflops=bf16_peak_tflops(name), bf16_mm_tflops=measured_mm_tflops(torch.bfloat16),
+                    fp32_mm_tflops=measured_mm_tflops(torch.float32))
     else:
         info.update(device="cpu (no CUDA device)", bf16_peak_tflops=None)
     return info
+
+
+def measured_mm_tflops(dtype, size: int = 8192, repeats: int = 10) -> float:
+    """TFLOP/s of one ``size``-cubed ``torch.mm`` in ``dtype`` on the GPU (median of ``repeats``, after
+    warm-up, random operands): the ceiling the matching kernels' throughput is read against.
+    float32 runs as torch is set (IEEE unless TF32 is allowed)."""
+    import torch
+
+    a = torch.randn(size, size, device="cuda").to(dtype)
+    b = torch.randn(size, size, device="cuda").to(dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return 2 * size**3 / sorted(times)[len(times) // 2] / 1e12
 
 
 def run(cmd, env, timeout, log_path):
@@ -97,6 +119,14 @@ def run(cmd, env, timeout, log_path):
             log.write(f"\n[gpu_check] stopped at the time limit of {timeout} s\n")
             rc = 124
     return rc, round(time.time() - start, 1)
+
+
+def _has_xdist() -> bool:
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def junit_summary(path: str) -> dict:
@@ -136,7 +166,7 @@ def benchmark_rows(rows_path: str, raw_path: str) -> list:
     return rows
 
 
-def bars(rows: list, peak_tflops) -> list:
+def bars(rows: list, peak_tflops, mm_tflops=None) -> list:
     def median(provider, dtype, case, mode):
         for row in rows:
             if (row["provider"], row["dtype"], row["case"], row["mode"]) == (provider, dtype, case, mode):
@@ -156,6 +186,9 @@ def bars(rows: list, peak_tflops) -> list:
         results.append(dict(bar="dense bf16 forward TFLOP/s", value=tflops, unit="TFLOP/s", minimum=None, met=None))
         results.append(dict(bar="dense bf16 forward fraction of the dense bf16 peak", value=fraction, unit="",
                             minimum=PEAK_FRACTION_BAR, met=None if fraction is None else fraction >= PEAK_FRACTION_BAR))
+        if mm_tflops:
+            results.append(dict(bar="dense bf16 forward fraction of torch.mm's bf16 rate measured here",
+                                value=tflops / mm_tflops, unit="", minimum=None, met=None))
     for dtype in ("bfloat16", "float32"):  # informs the choice of the symmetric default, no bar
         fused = median("triton", dtype, "dense_symmetric", "full")
         two = median("triton_two_pass", dtype, "dense_symmetric", "full")
@@ -173,6 +206,8 @@ def markdown(report: dict) -> str:
         f"# GPU check: {env.get('device')}",
         "",
         f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, Python {env['python']}"
+        + (f"; torch.mm 8192^3 measured here: bf16 {env['bf16_mm_tflops']:.0f} TFLOP/s, "
+           f"fp32 {env['fp32_mm_tflops']:.0f} TFLOP/s" if env.get("bf16_mm_tflops") else "")
         + ("  \n**CPU smoke run: not a measurement.**" if env["cpu_smoke"] else ""),
         "",
         "## Tests",
@@ -204,8 +239,11 @@ def main(argv=None) -> int:
                         help="dry run on CPU through Triton's interpreter, tiny shapes: checks this script, measures nothing")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
-    parser.add_argument("--tests-timeout", type=int, default=270, help="seconds for the GPU tests")
-    parser.add_argument("--bench-timeout", type=int, default=270, help="seconds for the benchmarks")
+    parser.add_argument("--tests-timeout", type=int, default=150, help="seconds for the GPU tests")
+    parser.add_argument("--bench-timeout", type=int, default=300, help="seconds for the benchmarks")
+    parser.add_argument("--test-workers", type=int, default=8,
+                        help="pytest-xdist processes for the GPU tests (they mostly wait on Triton's compiler); "
+                             "0: one process")
     args = parser.parse_args(argv)
 
     out = os.path.abspath(args.out)
@@ -232,6 +270,8 @@ def main(argv=None) -> int:
                f"--junitxml={junit}"]
         if args.cpu_smoke:  # a handful of interpreter tests: the point is the plumbing
             cmd += ["-k", "tile_edges and shape0"]
+        elif args.test_workers > 0 and _has_xdist():
+            cmd += ["-n", str(args.test_workers)]
         rc, seconds = run(cmd, env, args.tests_timeout, os.path.join(out, "gpu_tests.log"))
         report["tests"] = dict(junit_summary(junit), returncode=rc, seconds=seconds)
         print(f"tests: rc={rc} in {seconds} s: {report['tests'].get('passed')} passed, "
@@ -246,6 +286,7 @@ def main(argv=None) -> int:
                 os.remove(stale)
         env["SALIGN_BENCH_ROWS"] = rows_path
         env["SALIGN_BENCH_GPU"] = "1"
+        env.setdefault("TRITON_PRINT_AUTOTUNING", "1")  # the chosen tiles, into benchmark.log
         cmd = [sys.executable, "-m", "pytest", "benchmarks/bench_match_gpu.py", "-q", "-p", "no:cacheprovider",
                "-o", "python_files=bench_*.py", "-o", "python_functions=bench_*",
                f"--benchmark-json={raw}", "--benchmark-disable-gc", "--benchmark-columns=min,median,max,rounds"]
@@ -253,7 +294,8 @@ def main(argv=None) -> int:
         report["benchmark_run"] = dict(returncode=rc, seconds=seconds)
         rows = benchmark_rows(rows_path, raw)
         report["benchmarks"] = rows
-        report["bars"] = bars(rows, report["environment"].get("bf16_peak_tflops"))
+        report["bars"] = bars(rows, report["environment"].get("bf16_peak_tflops"),
+                                report["environment"].get("bf16_mm_tflops"))
         print(f"benchmarks: rc={rc} in {seconds} s, {len(rows)} timings")
         for bar in report["bars"]:
             print(f"  {bar['bar']}: {bar['value']} {bar['unit']} (met: {bar['met']})")
