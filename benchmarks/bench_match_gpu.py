@@ -43,7 +43,7 @@ CASES = {
     "dense": (
         GPU_DENSE_SHAPE, None, "sliding", False,
         [("triton", BF16), ("triton", FP32), ("reference", BF16), ("reference", FP32),
-         ("reference_chunked", FP32), ("triton_tf32x3", FP32), ("reference_compiled", BF16),
+         ("reference_chunked", FP32), ("triton_ieee", FP32), ("reference_compiled", BF16),
          ("reference_compiled", FP32)],
         MODES, 5,
     ),

@@ -10,6 +10,8 @@ network. Writes into the output folder (default ``benchmarks/results/``):
   dtypes, autotuned tiles, the large-map and memory tests);
 - ``benchmark.json``: pytest-benchmark's raw results of ``benchmarks/bench_match_gpu.py``, and
   ``benchmark_rows.jsonl``, one line per timing as it is measured;
+- ``profile.txt``: ``benchmarks/profile_gpu.py``'s kernel-by-kernel profile of a training step
+  and the dense scan's throughput against simpler epilogues;
 - ``gpu_check.json`` and ``gpu_check.md``: the environment (device name, versions), the test
   counts, a table of median times and peak memory, and the issue's bars: speed-ups of ``triton``
   over the reference in the same dtype (and over ``torch.compile(reference)``), the dense bf16
@@ -41,8 +43,8 @@ SPEEDUP_BARS = [
     ("dense bf16 fwd+bwd vs reference bf16", ("reference", "bfloat16"), ("triton", "bfloat16"), "dense", "full", 5.0),
     ("dense fp32 fwd+bwd vs reference fp32", ("reference", "float32"), ("triton", "float32"), "dense", "full", 8.0),
     ("dense bf16 fwd+bwd vs compiled reference bf16", ("reference_compiled", "bfloat16"), ("triton", "bfloat16"), "dense", "full", 1.0),
-    ("dense fp32 (opt-in 3xTF32) fwd+bwd vs reference fp32",
-     ("reference", "float32"), ("triton_tf32x3", "float32"), "dense", "full", 8.0),
+    ("dense fp32 (opt-in IEEE products) fwd+bwd vs reference fp32",
+     ("reference", "float32"), ("triton_ieee", "float32"), "dense", "full", None),
     ("dense fp32 fwd+bwd vs compiled reference fp32", ("reference_compiled", "float32"), ("triton", "float32"), "dense", "full", 1.0),
     ("sliding k=7 bf16 fwd+bwd vs reference bf16", ("reference", "bfloat16"), ("triton", "bfloat16"), "sliding7", "full", 10.0),
     ("sliding k=7 fp32 fwd+bwd vs reference fp32", ("reference", "float32"), ("triton", "float32"), "sliding7", "full", 10.0),
@@ -178,7 +180,7 @@ def bars(rows: list, peak_tflops, mm_tflops=None) -> list:
         slow, fast = median(num_p, num_d, case, mode), median(den_p, den_d, case, mode)
         ratio = slow / fast if slow and fast else None
         results.append(dict(bar=name, value=ratio, unit="x", minimum=minimum,
-                            met=None if ratio is None else ratio >= minimum))
+                            met=None if ratio is None or minimum is None else ratio >= minimum))
     forward = [r for r in rows if (r["provider"], r["dtype"], r["case"], r["mode"]) == ("triton", "bfloat16", "dense", "forward")]
     if forward and forward[0]["gflop"]:
         tflops = forward[0]["gflop"] * 1e9 / (forward[0]["median_ms"] * 1e-3) / 1e12
@@ -239,6 +241,8 @@ def main(argv=None) -> int:
                         help="dry run on CPU through Triton's interpreter, tiny shapes: checks this script, measures nothing")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--profile-timeout", type=int, default=120, help="seconds for benchmarks/profile_gpu.py")
     parser.add_argument("--tests-timeout", type=int, default=150, help="seconds for the GPU tests")
     parser.add_argument("--bench-timeout", type=int, default=300, help="seconds for the benchmarks")
     parser.add_argument("--test-workers", type=int, default=8,
@@ -300,6 +304,13 @@ def main(argv=None) -> int:
         for bar in report["bars"]:
             print(f"  {bar['bar']}: {bar['value']} {bar['unit']} (met: {bar['met']})")
         status |= rc != 0 or not rows
+
+    if not args.skip_profile and not args.cpu_smoke:  # where the time of a step goes: profile.txt
+        rc, seconds = run([sys.executable, "benchmarks/profile_gpu.py", "--out", out], env, args.profile_timeout,
+                          os.path.join(out, "profile.log"))
+        report["profile"] = dict(returncode=rc, seconds=seconds)
+        if os.path.exists(os.path.join(out, "profile.txt")):
+            os.remove(os.path.join(out, "profile.log"))  # its content is in profile.txt
 
     with open(os.path.join(out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -10,9 +10,9 @@ A provider turns ``(feat_a, feat_b)`` into the LA loss with one implementation:
 - ``cpp``, ``triton``: the compiled backends through the public API;
 - ``cpp_two_pass``, ``triton_two_pass``: a symmetric loss as two one-way passes, the alternative
   to the backend's fused symmetric pass;
-- ``triton_tf32x3``: ``triton`` with float32 features multiplied as three TF32 tensor-core products
-  (``salign_kernels.ops.triton._runtime.FP32_PRECISION = "tf32x3"``) instead of true float32
-  products: an opt-in whose speed and accuracy the GPU check measures.
+- ``triton_ieee``: ``triton`` with float32 features multiplied as true float32 products on the
+  CUDA cores (``salign_kernels.ops.triton._runtime.FP32_PRECISION = "ieee"``) instead of the
+  default three TF32 tensor-core products: the opt-in whose speed the GPU check measures.
 """
 
 from __future__ import annotations
@@ -133,17 +133,17 @@ def loss_function(provider: str, case: Case, compile_backend: str = "inductor") 
         backend = provider[: -len("_two_pass")]
         return lambda a, b: (sk.local_alignment_loss(a, b, window=case.window, window_mode=case.mode, backend=backend)
                              + sk.local_alignment_loss(b, a, window=case.window, window_mode=case.mode, backend=backend)) / 2
-    if provider == "triton_tf32x3":
+    if provider == "triton_ieee":
         from salign_kernels.ops.triton import _runtime
 
-        def tf32x3(a, b):
-            previous, _runtime.FP32_PRECISION = _runtime.FP32_PRECISION, "tf32x3"
+        def ieee(a, b):
+            previous, _runtime.FP32_PRECISION = _runtime.FP32_PRECISION, "ieee"
             try:
                 return sk.local_alignment_loss(a, b, backend="triton", **options)
             finally:
                 _runtime.FP32_PRECISION = previous
 
-        return tf32x3
+        return ieee
     return lambda a, b: sk.local_alignment_loss(a, b, backend=provider, **options)
 
 

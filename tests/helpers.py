@@ -78,6 +78,20 @@ def similarity(feat_a, feat_b, p_index, q_index, normalize=True):
     return (pa * qb).sum(1)
 
 
+def values_at(feat_a, feat_b, indices, normalize=True):
+    """``s(p, indices[p])`` by plain PyTorch (0 where ``indices[p] < 0``), differentiable: the values
+    of a matching that chose ``indices``. Its gradient is the one a kernel must give for its own
+    choice, also where a near-tie made that choice differ from the reference's."""
+    from salign_kernels import reference
+
+    xa = reference.prepare_features(feat_a, normalize).flatten(2)
+    xb = reference.prepare_features(feat_b, normalize).flatten(2)
+    B, C, _ = xa.shape
+    q = indices.flatten(1)
+    picked = torch.gather(xb, 2, q.clamp_min(0)[:, None].expand(B, C, -1))
+    return ((xa * picked).sum(1) * (q >= 0)).view(indices.shape)
+
+
 def assert_same_matches(got, want, feat_a, feat_b, normalize=True, atol=2e-5):
     """The matches agree: same valid queries, same values, and equal indices except at near-ties.
 

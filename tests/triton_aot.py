@@ -48,12 +48,14 @@ class Recorder:
 
 
 def install_recorders(modules, calls):
-    """Replace the kernels each module launches (not the ``@triton.jit`` helpers it imports, which
-    its kernels call and must stay what they are)."""
+    """Replace the kernels each module launches: its autotuners and its ``@triton.jit`` functions
+    named ``*_kernel``, not the ``@triton.jit`` helpers (defined there or imported) that its kernels
+    call and that must stay what they are."""
     for module in modules:
         for name, value in list(vars(module).items()):
             fn = value.fn if isinstance(value, Autotuner) else value
-            if isinstance(value, (JITFunction, Autotuner)) and fn.__module__ == module.__name__:
+            launched = isinstance(value, Autotuner) or (isinstance(value, JITFunction) and name.endswith("_kernel"))
+            if launched and fn.__module__ == module.__name__:
                 setattr(module, name, Recorder(value, calls))
             elif isinstance(value, dict) and value and all(isinstance(v, Autotuner) for v in value.values()):
                 setattr(module, name, {k: Recorder(v, calls) for k, v in value.items()})
@@ -82,6 +84,9 @@ def compiles_of(kernel, args, kwargs):
                 signature[name] = "*" + TRITON_TYPES[value.dtype]
             elif isinstance(value, bool):
                 signature[name] = "i1"
+            elif isinstance(value, int) and value == 1 and not param.do_not_specialize:
+                signature[name] = "constexpr"  # as the launcher does: an int equal to 1 is specialised
+                constexprs[name] = 1
             elif isinstance(value, int):
                 signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             elif isinstance(value, float):
@@ -99,9 +104,14 @@ def record_launches():
     install_recorders([dense, window, backward], calls)
     gen = torch.Generator().manual_seed(0)
 
-    def inputs(dtype, H, W, C):
+    def inputs(dtype, H, W, C, layout="pixel"):
+        """Pixel-major features: contiguous (channel stride 1), or the view of a contiguous
+        (B, C, H, W) map (pixel stride 1), each specialised by Triton into its own compile."""
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        xa, xb = (torch.randn(2, H, W, C, generator=gen).to(dtype) for _ in range(2))
+        if layout == "pixel":
+            xa, xb = (torch.randn(2, H, W, C, generator=gen).to(dtype) for _ in range(2))
+        else:
+            xa, xb = (torch.randn(2, C, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1) for _ in range(2))
         scales = [torch.ones(2, H, W, dtype=acc) for _ in range(2)]
         mask = torch.ones(2, H, W, dtype=torch.bool)
         return xa, xb, scales, mask
@@ -109,8 +119,9 @@ def record_launches():
     # Every dtype through the fixed-tile paths (small maps; channels in one chunk and in several),
     # the windows and both backward paths.
     for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
-        for H, W, C, masked in [(9, 7, 24, False), (9, 7, 24, True), (9, 7, 200, True)]:
-            xa, xb, (sa, sb), mask = inputs(dtype, H, W, C)
+        for H, W, C, masked, layout in [(9, 7, 24, False, "pixel"), (9, 7, 24, True, "pixel"),
+                                        (9, 7, 200, True, "pixel"), (9, 7, 24, True, "channel")]:
+            xa, xb, (sa, sb), mask = inputs(dtype, H, W, C, layout)
             masks = (mask, mask) if masked else (None, None)
             dense.dense_match_forward(xa, xb, sa, sb, *masks)
             dense.dense_match_symmetric_forward(xa, xb, sa, sb, *masks)
@@ -121,15 +132,18 @@ def record_launches():
                 grad = torch.ones(2, H, W, dtype=sa.dtype)
                 for deterministic in (False, True):
                     torch.use_deterministic_algorithms(deterministic)
-                    backward.match_backward(grad, xa, xb, sa, sb, indices)
+                    backward.match_backward(grad, xa, xb, indices, True)
                 torch.use_deterministic_algorithms(False)
     # Every autotuning configuration of the large-map path, for the tensor-core dtype and float32
     # (float16 compiles as bfloat16 does), and for float32 with three TF32 products per tile.
-    for dtype, precision in [(torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32x3")]:
+    for dtype, precision, layout in [(torch.bfloat16, "tf32x3", "pixel"), (torch.bfloat16, "tf32x3", "channel"),
+                                     (torch.float32, "ieee", "channel"), (torch.float32, "tf32x3", "channel"),
+                                     (torch.float32, "tf32x3", "pixel")]:
         saved = _runtime.FP32_PRECISION
         try:
             _runtime.FP32_PRECISION = precision
-            xa, xb, (sa, sb), mask = inputs(dtype, 64, 64, 128)
+            xa, xb, (sa, sb), mask = inputs(dtype, 64, 64, 128, layout)
+            dense.dense_match_forward(xa, xb, sa, sb, None, None)
             dense.dense_match_forward(xa, xb, sa, sb, mask, mask)
             dense.dense_match_symmetric_forward(xa, xb, sa, sb, mask, mask)
         finally:

@@ -9,11 +9,14 @@ The op contract
 ---------------
 The ops take pixel-major features:
 
-``forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode) -> (values, indices)``
-    ``xa``, ``xb``: ``(B, H, W, C)`` contiguous, any supported float dtype (not upcast: the kernel
-    accumulates in float32, float64 for float64). ``scale_a``, ``scale_b``: ``(B, H, W)`` in the
-    accumulation dtype. ``mask_a``, ``mask_b``: optional bool ``(B, H, W)``. ``window``: 0 for dense,
-    else the window size; ``mode``: :data:`WINDOW_MODES`. The similarity is
+``forward(xa, xb, mask_a, mask_b, window, mode, normalize) -> (values, indices)``
+    ``xa``, ``xb``: ``(B, H, W, C)`` of any supported float dtype (not upcast: the kernels
+    accumulate in float32, float64 for float64) whose H and W axes flatten to one pixel axis
+    (:func:`pixel_strides`): the pixel-major view of a contiguous ``(B, C, H, W)`` tensor and a
+    contiguous pixel-major tensor both qualify, so the public API passes either without a copy.
+    ``mask_a``, ``mask_b``: optional bool ``(B, H, W)``. ``window``: 0 for dense, else the window
+    size; ``mode``: :data:`WINDOW_MODES`. With ``scale = 1 / max(||x_p||, eps)`` when ``normalize``
+    (else 1) the similarity is
 
         s(p, q) = scale_a[p] * scale_b[q] * <xa_p, xb_q>
 
@@ -21,20 +24,21 @@ The ops take pixel-major features:
     set of the specification; ``-1`` and ``0`` for an invalid query. NaN similarities win the max
     (as in ``torch.max``), so NaN features give NaN values.
 
-``backward(grad_values, xa, xb, scale_a, scale_b, indices) -> (grad_xa, grad_xb, grad_scale_a, grad_scale_b)``
-    With ``g_p = grad_values[p]`` for valid p (0 otherwise), ``q = indices[p]`` and
-    ``d_p = <xa_p, xb_q>`` (so ``values[p] = scale_a[p] * scale_b[q] * d_p``):
+``backward(grad_values, xa, xb, indices, normalize) -> (grad_xa, grad_xb)``
+    The gradient of ``sum(grad_values * values)`` with respect to the features, normalisation
+    included. With ``g_p = grad_values[p]`` for valid p (0 otherwise), ``q = indices[p]``,
+    ``d_p = <xa_p, xb_q>`` and ``curv = scale**3`` where the norm exceeds ``eps`` (0 elsewhere, and
+    without normalisation), from ``d scale / d x = -curv * x``:
 
-        grad_xa[p]      = g_p * scale_a[p] * scale_b[q] * xb_q                     (gather)
-        grad_xb[q]      = scale_b[q] * sum_{p: indices[p] = q} g_p * scale_a[p] * xa_p   (scatter)
-        grad_scale_a[p] = g_p * scale_b[q] * d_p
-        grad_scale_b[q] = sum_{p: indices[p] = q} g_p * scale_a[p] * d_p
+        grad_xa[p] = g_p sa[p] sb[q] xb_q - g_p sb[q] d_p curv_a[p] xa_p                  (gather)
+        grad_xb[q] = sum_{p: indices[p] = q} g_p sa[p] sb[q] xa_p
+                     - (sum_{p: indices[p] = q} g_p sa[p] d_p) curv_b[q] xb_q             (scatter)
 
-    Gradients of ``xa``/``xb`` come back in their dtype, of the scales in the accumulation dtype.
+    Gradients come back in the features' dtype and strides (memory format).
 
-Normalisation is the scales: ``scale = 1 / max(||x||, eps)`` computed here with autograd, so the
-chain through the norm is PyTorch's (the same as ``F.normalize`` in the reference), while the kernels
-read the features once in their own dtype. Without normalisation the scales are ones.
+The scales are computed by the ops themselves (:func:`normalization_factors`, in the accumulation
+dtype), so a training step runs no PyTorch pass over the features besides the two norms: no layout
+copy, no autograd chain through the normalisation.
 """
 
 from __future__ import annotations
@@ -50,27 +54,60 @@ from ..reference import NORMALIZE_EPS
 WINDOW_MODES = {"sliding": 0, "partition": 1}
 
 
-def pixel_major(feat: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W) -> (B, H, W, C)`` contiguous: each pixel's C-vector in one run of memory.
+def pixel_strides(x: torch.Tensor):
+    """``(batch, pixel, channel)`` strides of a ``(B, H, W, C)`` tensor whose H and W axes flatten to
+    one pixel axis (``x.stride(1) == W * x.stride(2)``), or None if they do not.
 
-    Free for channels-last input, one copy otherwise; differentiable.
+    The kernels address channel ``c`` of pixel ``p`` of sample ``b`` at ``b * sB + p * sP + c * sC``:
+    a contiguous pixel-major tensor (``sC == 1``) and the pixel-major view of a contiguous
+    ``(B, C, H, W)`` one (``sP == 1``) both qualify.
     """
-    return feat.permute(0, 2, 3, 1).contiguous()
+    _, H, W, _ = x.shape
+    if H == 1:
+        pixel = x.stride(2)
+    elif W == 1:
+        pixel = x.stride(1)
+    elif x.stride(1) == W * x.stride(2):
+        pixel = x.stride(2)
+    else:
+        return None
+    return x.stride(0), pixel, x.stride(3)
+
+
+def pixel_major(feat: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, H, W, C)``: a view when H and W flatten to one axis (contiguous and
+    channels-last tensors, the usual cases), else a copy. Differentiable.
+    """
+    view = feat.permute(0, 2, 3, 1)
+    return view if pixel_strides(view) is not None else view.contiguous()
+
+
+def _norms(pixels: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(pixels.device.type, enabled=False):  # half inputs still get float32 norms
+        return torch.linalg.vector_norm(pixels, dim=-1, dtype=accumulation_dtype(pixels.dtype))
 
 
 def pixel_scales(pixels: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """``(B, H, W, C) -> (B, H, W)``: ``1 / max(||x_p||, eps)`` when normalising, else ones.
+    """``(B, H, W, C) -> (B, H, W)`` contiguous: ``1 / max(||x_p||, eps)`` when normalising, else ones.
 
-    Takes the pixel-major features, so the norm reduces over contiguous memory. In the
-    accumulation dtype (float32, float64 for float64) and differentiable; autocast is off so half
-    inputs still get float32 norms.
+    In the accumulation dtype (float32, float64 for float64).
     """
-    dtype = accumulation_dtype(pixels.dtype)
     if not normalize:
-        return torch.ones(pixels.shape[:3], dtype=dtype, device=pixels.device)
-    with torch.autocast(pixels.device.type, enabled=False):
-        norms = torch.linalg.vector_norm(pixels, dim=-1, dtype=dtype)
-    return norms.clamp_min(NORMALIZE_EPS).reciprocal()
+        return torch.ones(pixels.shape[:3], dtype=accumulation_dtype(pixels.dtype), device=pixels.device)
+    return _norms(pixels).clamp_min(NORMALIZE_EPS).reciprocal().contiguous()
+
+
+def normalization_factors(pixels: torch.Tensor, normalize: bool):
+    """``(scale, curv)``, both ``(B, H, W)``: the scales of :func:`pixel_scales` and the factor of
+    their derivative ``d scale / d x_p = -curv[p] * x_p``: ``scale**3`` where ``||x_p|| > eps``,
+    0 where the norm is clamped (a constant scale) and without normalisation."""
+    if not normalize:
+        ones = pixel_scales(pixels, False)
+        return ones, torch.zeros_like(ones)
+    norms = _norms(pixels)
+    scale = norms.clamp_min(NORMALIZE_EPS).reciprocal()
+    curv = torch.where(norms > NORMALIZE_EPS, scale * scale * scale, torch.zeros_like(scale))
+    return scale.contiguous(), curv.contiguous()
 
 
 def encode_window(window: Optional[int], mode: str):
@@ -81,34 +118,33 @@ def encode_window(window: Optional[int], mode: str):
 def op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
     """The forward op's arguments for one direction a -> b, from the public API's."""
     window_code, mode_code = encode_window(window, mode)
-    xa, xb = pixel_major(feat_a), pixel_major(feat_b)
     return (
-        xa,
-        xb,
-        pixel_scales(xa, normalize),
-        pixel_scales(xb, normalize),
+        pixel_major(feat_a),
+        pixel_major(feat_b),
         None if mask_a is None else mask_a.contiguous(),
         None if mask_b is None else mask_b.contiguous(),
         window_code,
         mode_code,
+        bool(normalize),
     )
 
 
 def register_match_autograd(forward_op, backward_op) -> None:
-    """Make ``forward_op`` differentiable in ``xa``, ``xb`` and the scales through ``backward_op``.
+    """Make ``forward_op`` differentiable in ``xa`` and ``xb`` through ``backward_op``.
 
     ``indices`` are marked non-differentiable; the backward reads only the saved inputs and indices.
     """
 
     def setup_context(ctx, inputs, output):
-        xa, xb, scale_a, scale_b = inputs[:4]
-        ctx.save_for_backward(xa, xb, scale_a, scale_b, output[1])
+        xa, xb = inputs[:2]
+        ctx.normalize = inputs[-1]
+        ctx.save_for_backward(xa, xb, output[1])
         ctx.mark_non_differentiable(output[1])
 
     def backward(ctx, grad_values, _grad_indices):
-        xa, xb, scale_a, scale_b, indices = ctx.saved_tensors
-        grads = backward_op(grad_values.contiguous(), xa, xb, scale_a, scale_b, indices)
-        return (*grads, None, None, None, None)
+        xa, xb, indices = ctx.saved_tensors
+        grad_xa, grad_xb = backward_op(grad_values.contiguous(), xa, xb, indices, ctx.normalize)
+        return grad_xa, grad_xb, None, None, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
@@ -128,24 +164,26 @@ def register_symmetric_autograd(forward_op, backward_op) -> None:
     """
 
     def setup_context(ctx, inputs, output):
-        xa, xb, scale_a, scale_b = inputs[:4]
-        ctx.save_for_backward(xa, xb, scale_a, scale_b, output[1], output[3])
+        xa, xb = inputs[:2]
+        ctx.normalize = inputs[-1]
+        ctx.save_for_backward(xa, xb, output[1], output[3])
         ctx.mark_non_differentiable(output[1], output[3])
 
     def backward(ctx, grad_ab, _grad_indices_ab, grad_ba, _grad_indices_ba):
-        xa, xb, scale_a, scale_b, indices_ab, indices_ba = ctx.saved_tensors
-        ga, gb, gsa, gsb = backward_op(grad_ab.contiguous(), xa, xb, scale_a, scale_b, indices_ab)
-        gb2, ga2, gsb2, gsa2 = backward_op(grad_ba.contiguous(), xb, xa, scale_b, scale_a, indices_ba)
-        return ga + ga2, gb + gb2, gsa + gsa2, gsb + gsb2, None, None, None, None
+        xa, xb, indices_ab, indices_ba = ctx.saved_tensors
+        ga, gb = backward_op(grad_ab.contiguous(), xa, xb, indices_ab, ctx.normalize)
+        gb2, ga2 = backward_op(grad_ba.contiguous(), xb, xa, indices_ba, ctx.normalize)
+        return ga + ga2, gb + gb2, None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
-def backward_shapes(xa, xb, scale_a, scale_b):
-    """Gradients of the right shapes and dtypes without computing them (fake impls)."""
-    return (
-        torch.empty_like(xa, memory_format=torch.contiguous_format),
-        torch.empty_like(xb, memory_format=torch.contiguous_format),
-        torch.empty_like(scale_a, memory_format=torch.contiguous_format),
-        torch.empty_like(scale_b, memory_format=torch.contiguous_format),
-    )
+def gradient_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient of ``x``: its dtype, shape and strides (``empty_like`` keeps the
+    strides of a dense tensor: no layout copy on the way back), contiguous for an overlapping one."""
+    return torch.empty_like(x)
+
+
+def backward_shapes(xa, xb):
+    """Gradients of the right shapes, dtypes and strides without computing them (fake impls)."""
+    return gradient_like(xa), gradient_like(xb)

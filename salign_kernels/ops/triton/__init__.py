@@ -93,6 +93,6 @@ def match_symmetric(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
             match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize),
             match(feat_b, feat_a, window, mode, mask_b, mask_a, normalize),
         ]
-    arguments = op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)[:6]  # no window
-    values_ab, indices_ab, values_ba, indices_ba = torch.ops.salign_triton.match_symmetric_forward(*arguments)
+    xa, xb, ma, mb, _, _, normalize = op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
+    values_ab, indices_ab, values_ba, indices_ba = torch.ops.salign_triton.match_symmetric_forward(xa, xb, ma, mb, normalize)
     return [(values_ab, indices_ab), (values_ba, indices_ba)]

@@ -13,7 +13,46 @@ import triton
 import triton.language as tl
 
 from ._argmax import NO_HIT, block_argmax, fold_best
-from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
+from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2, pixel_strides
+
+
+@triton.jit
+def _similarity_tile(
+    a_res, a_rows, row_in, b_base, cols, col_ok, C, sac, sbp, sbc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+    IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``<xa_p, xb_q>`` for a tile of queries (rows) and candidates (``cols``), in float32 (float64).
+
+    Candidates outside ``col_ok`` load as zeros: no NaN of theirs can reach a product.
+    """
+    ks = tl.arange(0, BLOCK_K)
+    b_rows = b_base + cols.to(tl.int64)[:, None] * sbp
+    if IS_F64:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        kk = k0 + ks
+        if SINGLE_K:
+            a = a_res
+        else:
+            a = tl.load(a_rows + kk.to(tl.int64)[None, :] * sac, mask=row_in[:, None] & (kk < C)[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+        bt = tl.load(b_rows + kk.to(tl.int64)[None, :] * sbc, mask=col_ok[:, None] & (kk < C)[None, :], other=0.0)
+        if UPCAST:
+            bt = bt.to(tl.float32)
+        if IS_F64:
+            acc += tl.sum(a[:, None, :] * bt[None, :, :], axis=2)
+        else:
+            acc = tl.dot(a, tl.trans(bt), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -21,6 +60,7 @@ def _dense_match_fwd_kernel(
     xa_ptr, xb_ptr, sa_ptr, sb_ptr, ma_ptr, mb_ptr, values_ptr, indices_ptr,
     part_val_ptr, part_idx_ptr,  # column partials of the symmetric pass (B, cdiv(N, BLOCK_M), N)
     N, C,
+    sab, sap, sac, sbb, sbp, sbc,  # strides of xa and xb: batch, pixel, channel
     N_CLASS,  # shape class of N, only read by the autotuner's key
     HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
@@ -37,22 +77,27 @@ def _dense_match_fwd_kernel(
     # sa[p] > 0 is a per-query constant, so the kernel maximises sb[q] * <xa_p, xb_q> over q and
     # multiplies by sa[p] once at the end: the same maximiser, one multiply fewer per pair.
     #
+    # One-way: per tile, a NaN-propagating row max, then the lowest column at it (two reductions).
+    # A row whose max came out NaN (a NaN similarity: torch.max returns it, at its first index) is
+    # rare, so it is settled after the scan by a second pass over the block's tiles that looks
+    # for the first NaN, run only when some row of the block needs it.
+    #
     # SYMMETRIC also takes the direction b -> a from the same tiles: <xa_p, xb_q> is symmetric, so
     # each tile's column maxima of sa[p] * <xa_p, xb_q> over its BLOCK_M rows (queries q of b,
     # candidates p of a) are stored as partials, which _column_reduce_kernel combines across the
     # row blocks in increasing order, then multiplies by sb[q]. The gradient of that direction is
     # the same formula with a and b swapped.
     #
-    # Layout: x*_ptr (B, N, C) pixel-major, s*_ptr / m*_ptr / values / indices (B, N).
-    # Grid: (cdiv(N, BLOCK_M), B).
+    # Layout: x*_ptr (B, N, C) through their strides (pixel-major or channel-major alike),
+    # s*_ptr / m*_ptr / values / indices (B, N) contiguous. Grid: (cdiv(N, BLOCK_M), B).
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     base = batch * N  # int64: B * N * C may exceed 2**31
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     ks = tl.arange(0, BLOCK_K)
-    a_rows = xa_ptr + (base + rows.to(tl.int64))[:, None] * C
-    b_base = xb_ptr + base * C
+    a_rows = xa_ptr + batch * sab + rows.to(tl.int64)[:, None] * sap
+    b_base = xb_ptr + batch * sbb
     # Pixels of a that take part: as queries here, and as candidates of b's queries when SYMMETRIC.
     row_in = row_ok
     if HAS_MASK_A:
@@ -61,8 +106,9 @@ def _dense_match_fwd_kernel(
         sa_rows = tl.load(sa_ptr + base + rows, mask=row_in, other=0.0)
         row_bias = tl.where(row_in, 0.0, float("-inf"))
 
+    a_res = a_rows  # placeholder when the channels come in chunks
     if SINGLE_K:  # the whole C-vector of every query stays resident for the entire scan
-        a_res = tl.load(a_rows + ks[None, :], mask=row_in[:, None] & (ks < C)[None, :], other=0.0)
+        a_res = tl.load(a_rows + ks.to(tl.int64)[None, :] * sac, mask=row_in[:, None] & (ks < C)[None, :], other=0.0)
         if UPCAST:
             a_res = a_res.to(tl.float32)
 
@@ -71,48 +117,55 @@ def _dense_match_fwd_kernel(
     else:
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_M], -1, tl.int32)
+    saw_nan = tl.zeros([BLOCK_M], tl.int32)
 
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         if HAS_MASK_B:
             col_ok = col_ok & (tl.load(mb_ptr + base + cols, mask=col_ok, other=0) != 0)
-        b_rows = b_base + cols.to(tl.int64)[:, None] * C
-        if IS_F64:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, C, BLOCK_K):
-            kk = k0 + ks
-            if SINGLE_K:
-                a = a_res
-            else:
-                a = tl.load(a_rows + kk[None, :], mask=row_in[:, None] & (kk < C)[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-            # Masked-out candidates load as zeros: no NaN of theirs can reach the max.
-            bt = tl.load(b_rows + kk[None, :], mask=col_ok[:, None] & (kk < C)[None, :], other=0.0)
-            if UPCAST:
-                bt = bt.to(tl.float32)
-            if IS_F64:
-                acc += tl.sum(a[:, None, :] * bt[None, :, :], axis=2)
-            else:
-                acc = tl.dot(a, tl.trans(bt), acc, input_precision=PRECISION)
+        acc = _similarity_tile(a_res, a_rows, row_in, b_base, cols, col_ok, C, sac, sbp, sbc,
+                               BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
         sb = tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)
-        bias = tl.where(col_ok, 0.0, float("-inf"))
-        s = acc * sb[None, :] + bias[None, :]  # (BLOCK_M, BLOCK_N); -inf where no candidate
+        s = tl.where(col_ok[None, :], acc * sb[None, :], float("-inf"))  # (BLOCK_M, BLOCK_N)
 
-        # Row max and the lowest column attaining it (NaN wins, as in torch.max), merged into the
-        # running best: strictly greater wins, so earlier tiles (lower indices) keep ties.
-        top, arg, is_nan, first_ok = block_argmax(s, cols[None, :], col_ok[None, :], 1)
-        best, best_idx = fold_best(best, best_idx, top, arg, is_nan, first_ok)
-
-        if SYMMETRIC:  # the same reduction down the columns: queries q of b, candidates p of a
+        if SYMMETRIC:
+            # Row max and the lowest column attaining it (NaN wins, as in torch.max), merged into
+            # the running best: strictly greater wins, so earlier tiles (lower indices) keep ties.
+            top, arg, is_nan, first_ok = block_argmax(s, cols[None, :], col_ok[None, :], 1)
+            best, best_idx = fold_best(best, best_idx, top, arg, is_nan, first_ok)
+            # The same reduction down the columns: queries q of b, candidates p of a.
             t = acc * sa_rows[:, None] + row_bias[:, None]
             col_max, col_arg, _, _ = block_argmax(t, rows[:, None], row_in[:, None], 0)  # NO_HIT: no row
             part = (batch * tl.num_programs(0) + pid_m) * N + cols
             tl.store(part_val_ptr + part, col_max, mask=cols < N)
             tl.store(part_idx_ptr + part, col_arg, mask=cols < N)
+        else:
+            top = tl.reduce(s, 1, _max_keep_nan)  # NaN if the row holds one
+            arg = tl.min(tl.where((s == top[:, None]) & col_ok[None, :], cols[None, :], NO_HIT), 1)
+            saw_nan = saw_nan | (top != top).to(tl.int32)
+            # Strictly greater wins, so earlier tiles (lower indices) keep ties; a query without a
+            # best yet takes a tile's best real candidate even at -inf.
+            better = (top > best) | ((best_idx < 0) & (arg < NO_HIT))
+            best = tl.where(better, top, best)
+            best_idx = tl.where(better, arg, best_idx)
+
+    if not SYMMETRIC:
+        if tl.max(saw_nan, 0) > 0:  # the first NaN of each row that holds one: torch.max's answer
+            first_nan = tl.full([BLOCK_M], NO_HIT, tl.int32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                if HAS_MASK_B:
+                    col_ok = col_ok & (tl.load(mb_ptr + base + cols, mask=col_ok, other=0) != 0)
+                acc = _similarity_tile(a_res, a_rows, row_in, b_base, cols, col_ok, C, sac, sbp, sbc,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
+                sb = tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)
+                s = acc * sb[None, :]
+                first_nan = tl.minimum(first_nan, tl.min(tl.where((s != s) & col_ok[None, :], cols[None, :], NO_HIT), 1))
+            has_nan = (saw_nan != 0) & (first_nan < NO_HIT)
+            best = tl.where(has_nan, float("nan"), best)
+            best_idx = tl.where(has_nan, first_nan, best_idx)
 
     valid = row_in & (best_idx >= 0)
     sa = tl.load(sa_ptr + base + rows, mask=row_ok, other=0.0)
@@ -231,7 +284,7 @@ def _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices,
     BLOCK_K = block_k(C, flags["IS_F64"])
     args = (
         xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
-        values, indices, part_val, part_idx, N, C, shape_class(N),
+        values, indices, part_val, part_idx, N, C, *pixel_strides(xa), *pixel_strides(xb), shape_class(N),
     )
     constants = dict(
         HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None, SYMMETRIC=symmetric,
@@ -243,7 +296,7 @@ def _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices,
 def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     """Launch the dense kernel. Arguments as the op contract; returns ``(values, indices)`` (B, H, W).
 
-    Shapes: ``xa``, ``xb`` (B, H, W, C) contiguous; scales (B, H, W) float32 (float64 for float64);
+    Shapes: ``xa``, ``xb`` (B, H, W, C) whose H and W flatten (:func:`pixel_strides`); scales (B, H, W) float32 (float64 for float64);
     masks None or bool (B, H, W). The caller (the op) has checked the contract.
     """
     B, H, W, C = xa.shape

@@ -5,19 +5,19 @@ traces a training step through them without a graph break, and the forward is di
 through the backward op (``register_match_autograd``, ``register_symmetric_autograd``). They
 implement the pixel-major op contract of :mod:`salign_kernels.ops._common`:
 
-``match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode) -> (values, indices)``
+``match_forward(xa, xb, mask_a, mask_b, window, mode, normalize) -> (values, indices)``
     ``s(p, q) = scale_a[p] * scale_b[q] * <xa_p, xb_q>``; ``values[p] = max`` over the candidates,
     ``indices[p]`` the lowest q attaining it, ``-1`` / ``0`` for an invalid query.
-``match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)``
+``match_symmetric_forward(xa, xb, mask_a, mask_b, normalize)``
 ``-> (values_ab, indices_ab, values_ba, indices_ba)``
     Dense matching in both directions from one pass over the similarity tiles (b -> a: queries in
     b, candidates in a, masks swapped).
-``match_backward(grad_values, xa, xb, scale_a, scale_b, indices)``
-``-> (grad_xa, grad_xb, grad_scale_a, grad_scale_b)``
-    The gather/scatter through ``indices``.
+``match_backward(grad_values, xa, xb, indices, normalize) -> (grad_xa, grad_xb)``
+    The gather/scatter through ``indices``, the normalisation's gradient included.
 
-Shapes: ``xa``, ``xb`` (B, H, W, C) contiguous in their own dtype; scales, masks, values, indices
-(B, H, W). The ops run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+Shapes: ``xa``, ``xb`` (B, H, W, C) in their own dtype, H and W flattening to one axis (e.g. the
+pixel-major view of a contiguous (B, C, H, W) tensor); masks, values, indices (B, H, W). The ops
+run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from .._common import (
     WINDOW_MODES,
     backward_shapes,
+    pixel_scales,
     register_match_autograd,
     register_symmetric_autograd,
     shape_values,
@@ -56,23 +57,23 @@ def _check_device(xa: torch.Tensor) -> None:
 def match_forward(
     xa: torch.Tensor,
     xb: torch.Tensor,
-    scale_a: torch.Tensor,
-    scale_b: torch.Tensor,
     mask_a: Optional[torch.Tensor],
     mask_b: Optional[torch.Tensor],
     window: int,
     mode: int,
+    normalize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Best candidate of every query: dense (``window == 0``) or windowed. See the module docstring."""
-    check_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode)
+    check_forward(xa, xb, mask_a, mask_b, window, mode)
     _check_device(xa)
+    scale_a, scale_b = pixel_scales(xa, normalize), pixel_scales(xb, normalize)
     if window == 0:
         return _dense.dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
     return _window.window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode)
 
 
 @match_forward.register_fake
-def _match_forward_fake(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode):
+def _match_forward_fake(xa, xb, mask_a, mask_b, window, mode, normalize):
     return shape_values(xa)
 
 
@@ -80,19 +81,19 @@ def _match_forward_fake(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode):
 def match_symmetric_forward(
     xa: torch.Tensor,
     xb: torch.Tensor,
-    scale_a: torch.Tensor,
-    scale_b: torch.Tensor,
     mask_a: Optional[torch.Tensor],
     mask_b: Optional[torch.Tensor],
+    normalize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense matching a -> b and b -> a from one pass. See the module docstring."""
-    check_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, 0, WINDOW_MODES["sliding"])
+    check_forward(xa, xb, mask_a, mask_b, 0, WINDOW_MODES["sliding"])
     _check_device(xa)
+    scale_a, scale_b = pixel_scales(xa, normalize), pixel_scales(xb, normalize)
     return _dense.dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
 
 
 @match_symmetric_forward.register_fake
-def _match_symmetric_forward_fake(xa, xb, scale_a, scale_b, mask_a, mask_b):
+def _match_symmetric_forward_fake(xa, xb, mask_a, mask_b, normalize):
     return (*shape_values(xa), *shape_values(xb))
 
 
@@ -101,19 +102,18 @@ def match_backward(
     grad_values: torch.Tensor,
     xa: torch.Tensor,
     xb: torch.Tensor,
-    scale_a: torch.Tensor,
-    scale_b: torch.Tensor,
     indices: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum(grad_values * values)`` w.r.t. ``xa``, ``xb``, ``scale_a``, ``scale_b``."""
-    check_backward(grad_values, xa, xb, scale_a, scale_b, indices)
+    normalize: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum(grad_values * values)`` w.r.t. ``xa`` and ``xb``, normalisation included."""
+    check_backward(grad_values, xa, xb, indices)
     _check_device(xa)
-    return _backward.match_backward(grad_values, xa, xb, scale_a, scale_b, indices)
+    return _backward.match_backward(grad_values, xa, xb, indices, normalize)
 
 
 @match_backward.register_fake
-def _match_backward_fake(grad_values, xa, xb, scale_a, scale_b, indices):
-    return backward_shapes(xa, xb, scale_a, scale_b)
+def _match_backward_fake(grad_values, xa, xb, indices, normalize):
+    return backward_shapes(xa, xb)
 
 
 register_match_autograd(match_forward, torch.ops.salign_triton.match_backward)

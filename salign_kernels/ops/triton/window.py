@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._common import WINDOW_MODES
-from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
+from ._runtime import channels_innermost, feature_flags, is_interpreted, mask_pointer, next_power_of_2, pixel_strides
 from ._argmax import block_argmax, fold_best
 
 
@@ -22,6 +22,7 @@ from ._argmax import block_argmax, fold_best
 def _window_match_fwd_kernel(
     xa_ptr, xb_ptr, sa_ptr, sb_ptr, ma_ptr, mb_ptr, values_ptr, indices_ptr,
     H, W, C, WINDOW, TILES_W,
+    sab, sap, sac, sbb, sbp, sbc,  # strides of xa and xb: batch, pixel, channel
     PARTITION: tl.constexpr, HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr, IS_F64: tl.constexpr,
@@ -49,9 +50,9 @@ def _window_match_fwd_kernel(
     row_ok = (h < H) & (w < W)
     p = h * W + w
     cs = tl.arange(0, BLOCK_C)
-    a_rows = xa_ptr + (base + p.to(tl.int64))[:, None] * C  # (Q, 1)
+    a_rows = xa_ptr + batch * sab + p.to(tl.int64)[:, None] * sap  # (Q, 1)
     if SINGLE_C:
-        a_res = tl.load(a_rows + cs[None, :], mask=row_ok[:, None] & (cs < C)[None, :], other=0.0)
+        a_res = tl.load(a_rows + cs.to(tl.int64)[None, :] * sac, mask=row_ok[:, None] & (cs < C)[None, :], other=0.0)
     if PARTITION:
         top = (h // WINDOW) * WINDOW
         left = (w // WINDOW) * WINDOW
@@ -75,7 +76,7 @@ def _window_match_fwd_kernel(
         if HAS_MASK_B:
             ok = ok & (tl.load(mb_ptr + base + cq, mask=ok, other=0) != 0)
         cq = tl.where(ok, cq, 0)  # off-map offsets would give negative keys below
-        b_rows = xb_ptr + (base + cq.to(tl.int64))[:, :, None] * C  # (Q, J, 1)
+        b_rows = xb_ptr + batch * sbb + cq.to(tl.int64)[:, :, None] * sbp  # (Q, J, 1)
         if IS_F64:
             d = tl.zeros([TILE_H * TILE_W, BLOCK_J], tl.float64)
         else:
@@ -85,9 +86,10 @@ def _window_match_fwd_kernel(
             if SINGLE_C:
                 a = a_res
             else:
-                a = tl.load(a_rows + cc[None, :], mask=row_ok[:, None] & (cc < C)[None, :], other=0.0)
+                a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=row_ok[:, None] & (cc < C)[None, :], other=0.0)
             # Masked-out candidates load as zeros: no NaN of theirs can reach the max.
-            bv = tl.load(b_rows + cc[None, None, :], mask=ok[:, :, None] & (cc < C)[None, None, :], other=0.0)
+            bv = tl.load(b_rows + cc.to(tl.int64)[None, None, :] * sbc, mask=ok[:, :, None] & (cc < C)[None, None, :],
+                         other=0.0)
             if IS_F64:
                 d += tl.sum(a.to(tl.float64)[:, None, :] * bv.to(tl.float64), axis=2)
             else:
@@ -145,6 +147,7 @@ def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window: int, 
     ``window`` >= 1 (odd when sliding), ``mode`` a value of :data:`WINDOW_MODES`; checked by the op.
     """
     B, H, W, C = xa.shape
+    xa, xb = channels_innermost(xa), channels_innermost(xb)  # the candidates are gathered per pixel
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
@@ -156,7 +159,7 @@ def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window: int, 
     grid = (triton.cdiv(H, TILE_H) * tiles_w, B)
     _window_match_fwd_kernel[grid](
         xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
-        values, indices, H, W, C, window, tiles_w,
+        values, indices, H, W, C, window, tiles_w, *pixel_strides(xa), *pixel_strides(xb),
         PARTITION=mode == WINDOW_MODES["partition"],
         HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None,
         TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, SINGLE_C=C <= BLOCK_C,
