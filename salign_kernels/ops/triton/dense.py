@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._argmax import NO_HIT, block_argmax, fold_best
-from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2, pixel_strides
+from ._runtime import channels_innermost, feature_flags, is_interpreted, mask_pointer, next_power_of_2, pixel_strides
 
 
 @triton.jit
@@ -28,25 +28,34 @@ def _similarity_tile(
     """
     ks = tl.arange(0, BLOCK_K)
     b_rows = b_base + cols.to(tl.int64)[:, None] * sbp
-    if IS_F64:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        kk = k0 + ks
-        if SINGLE_K:
-            a = a_res
-        else:
-            a = tl.load(a_rows + kk.to(tl.int64)[None, :] * sac, mask=row_in[:, None] & (kk < C)[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-        bt = tl.load(b_rows + kk.to(tl.int64)[None, :] * sbc, mask=col_ok[:, None] & (kk < C)[None, :], other=0.0)
+    if SINGLE_K and not IS_F64:
+        # No channel loop: the scan over candidate tiles is then the innermost loop, which Triton
+        # software-pipelines (the next tile's load overlaps this tile's product and epilogue).
+        bt = tl.load(b_rows + ks.to(tl.int64)[None, :] * sbc, mask=col_ok[:, None] & (ks < C)[None, :], other=0.0)
         if UPCAST:
             bt = bt.to(tl.float32)
+        acc = tl.dot(a_res, tl.trans(bt), input_precision=PRECISION)
+    else:
         if IS_F64:
-            acc += tl.sum(a[:, None, :] * bt[None, :, :], axis=2)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
         else:
-            acc = tl.dot(a, tl.trans(bt), acc, input_precision=PRECISION)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            kk = k0 + ks
+            if SINGLE_K:
+                a = a_res
+            else:
+                a = tl.load(a_rows + kk.to(tl.int64)[None, :] * sac, mask=row_in[:, None] & (kk < C)[None, :],
+                            other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+            bt = tl.load(b_rows + kk.to(tl.int64)[None, :] * sbc, mask=col_ok[:, None] & (kk < C)[None, :], other=0.0)
+            if UPCAST:
+                bt = bt.to(tl.float32)
+            if IS_F64:
+                acc += tl.sum(a[:, None, :] * bt[None, :, :], axis=2)
+            else:
+                acc = tl.dot(a, tl.trans(bt), acc, input_precision=PRECISION)
     return acc
 
 
@@ -301,6 +310,7 @@ def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     """
     B, H, W, C = xa.shape
     N = H * W
+    xa, xb = channels_innermost(xa), channels_innermost(xb)  # K-major tl.dot operands
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
@@ -341,6 +351,7 @@ def dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     """
     B, H, W, C = xa.shape
     N = H * W
+    xa, xb = channels_innermost(xa), channels_innermost(xb)  # K-major tl.dot operands
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
