@@ -218,6 +218,39 @@ def test_nan_wins_and_ties_keep_the_lowest_index(device, window, mode):
     assert torch.equal(indices, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_prepare_features(device, dtype, layout, normalize):
+    # One pass per map: the scales of pixel_scales, their derivative factor (scale^3 where the norm
+    # is not clamped: 0 for a zero pixel), NaN for a NaN pixel, 0 for an infinite one; the rows are
+    # the map itself when its channels are innermost, else a pixel-major copy.
+    from salign_kernels.ops._common import pixel_scales
+    from salign_kernels.ops.triton.prepare import prepare_features
+
+    feat = make_features((2, 70, 5, 7), dtype, seed=13, device=device)[0]
+    feat[0, :, 1, 1] = 0.0
+    feat[1, 3, 2, 2] = float("nan")
+    feat[1, 5, 4, 6] = float("inf")
+    x = as_layout(feat, layout).permute(0, 2, 3, 1)
+    rows, scale, curv = prepare_features(x, normalize, rows=True)
+    torch.testing.assert_close(rows, x, atol=0, rtol=0, equal_nan=True)
+    assert rows.stride(3) == 1
+    assert (rows.data_ptr() == x.data_ptr()) == (layout == "channels_last")
+    want = pixel_scales(x, normalize)
+    torch.testing.assert_close(scale, want, atol=0, rtol=1e-6, equal_nan=True)
+    want_curv = torch.where(want < 1 / 1e-12, want**3, 0.0) if normalize else torch.zeros_like(want)
+    want_curv[1, 2, 2] = float("nan") if normalize else 0.0  # NaN norm: no derivative term, NaN anyway
+    if normalize:
+        assert curv[0, 1, 1] == 0 and scale[0, 1, 1] == 1e12 and torch.isnan(scale[1, 2, 2])
+        assert scale[1, 4, 6] == 0 and curv[1, 4, 6] == 0
+        keep = torch.isfinite(want) & (want < 1e12)
+        torch.testing.assert_close(curv[keep], want_curv[keep], atol=0, rtol=1e-5)
+    else:
+        assert torch.equal(scale, torch.ones_like(scale)) and torch.equal(curv, torch.zeros_like(curv))
+    assert scale.dtype == curv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def _one_target_case(device, dtype=torch.float32):
     """Every query's best match in b is pixel 5, so its gradient sums every query's contribution."""
     shape = (2, 6, 7, 8)

@@ -98,10 +98,10 @@ def compiles_of(kernel, args, kwargs):
 
 def record_launches():
     """Every kernel launch of the launchers, over the dtypes, masks, sizes and paths they take."""
-    from salign_kernels.ops.triton import _runtime, backward, dense, window
+    from salign_kernels.ops.triton import _runtime, backward, dense, prepare, window
 
     calls = []
-    install_recorders([dense, window, backward], calls)
+    install_recorders([dense, window, backward, prepare], calls)
     gen = torch.Generator().manual_seed(0)
 
     def inputs(dtype, H, W, C, layout="pixel"):
@@ -123,6 +123,8 @@ def record_launches():
                                         (9, 7, 200, True, "pixel"), (9, 7, 24, True, "channel")]:
             xa, xb, (sa, sb), mask = inputs(dtype, H, W, C, layout)
             masks = (mask, mask) if masked else (None, None)
+            for normalize in (True, False):
+                prepare.prepare_features(xa, normalize, rows=True)
             dense.dense_match_forward(xa, xb, sa, sb, *masks)
             dense.dense_match_symmetric_forward(xa, xb, sa, sb, *masks)
             if masked:

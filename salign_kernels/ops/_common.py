@@ -36,9 +36,10 @@ The ops take pixel-major features:
 
     Gradients come back in the features' dtype and strides (memory format).
 
-The scales are computed by the ops themselves (:func:`normalization_factors`, in the accumulation
-dtype), so a training step runs no PyTorch pass over the features besides the two norms: no layout
-copy, no autograd chain through the normalisation.
+The ops compute the scales themselves (the Triton backend in one pass over each map that also
+writes the pixel-major rows its kernels gather from; :func:`pixel_scales` is the same in PyTorch),
+so a training step runs no PyTorch pass over the features: no layout copy, no autograd chain
+through the normalisation.
 """
 
 from __future__ import annotations
@@ -95,19 +96,6 @@ def pixel_scales(pixels: torch.Tensor, normalize: bool) -> torch.Tensor:
     if not normalize:
         return torch.ones(pixels.shape[:3], dtype=accumulation_dtype(pixels.dtype), device=pixels.device)
     return _norms(pixels).clamp_min(NORMALIZE_EPS).reciprocal().contiguous()
-
-
-def normalization_factors(pixels: torch.Tensor, normalize: bool):
-    """``(scale, curv)``, both ``(B, H, W)``: the scales of :func:`pixel_scales` and the factor of
-    their derivative ``d scale / d x_p = -curv[p] * x_p``: ``scale**3`` where ``||x_p|| > eps``,
-    0 where the norm is clamped (a constant scale) and without normalisation."""
-    if not normalize:
-        ones = pixel_scales(pixels, False)
-        return ones, torch.zeros_like(ones)
-    norms = _norms(pixels)
-    scale = norms.clamp_min(NORMALIZE_EPS).reciprocal()
-    curv = torch.where(norms > NORMALIZE_EPS, scale * scale * scale, torch.zeros_like(scale))
-    return scale.contiguous(), curv.contiguous()
 
 
 def encode_window(window: Optional[int], mode: str):

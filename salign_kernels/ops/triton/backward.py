@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import gradient_like, normalization_factors, pixel_strides
-from ._runtime import channels_innermost, is_interpreted, next_power_of_2
+from .._common import gradient_like, pixel_strides
+from ._runtime import is_interpreted, next_power_of_2
+from .prepare import prepare_features
 
 
 @triton.jit
@@ -205,8 +206,10 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool):
     acc_dtype = grad_values.dtype
     is_f64 = xa.dtype == torch.float64
     atomic = not torch.are_deterministic_algorithms_enabled()
-    scale_a, curv_a = normalization_factors(xa, normalize)
-    scale_b, curv_b = normalization_factors(xb, normalize)
+    # Scales and their derivatives, and the rows read at scattered pixels: xb's by the gather,
+    # xa's by the deterministic scatter (the gather reads xa's own rows in order, in any layout).
+    xa_rows, scale_a, curv_a = prepare_features(xa, normalize, rows=not atomic)
+    xb_rows, scale_b, curv_b = prepare_features(xb, normalize, rows=True)
     grad_xa, grad_xb = gradient_like(xa), gradient_like(xb)
     if atomic:
         acc_b = torch.zeros((B, N, C), dtype=acc_dtype, device=xb.device)
@@ -219,7 +222,6 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool):
         coef_s = torch.empty((B, N), dtype=acc_dtype, device=xa.device)
     BLOCK_C = block_c(C)
     BLOCK_P = 16 if INTERPRETED else max(16, min(64, (2048 if is_f64 else 8192) // BLOCK_C))
-    xb_rows = channels_innermost(xb)  # gathered at the matched pixels
     _match_bwd_gather_kernel[(triton.cdiv(N, BLOCK_P), B)](
         grad_values, xa, xb_rows, scale_a, scale_b, curv_a, indices,
         grad_xa, acc_b, sum_b, coef, coef_s,
@@ -229,7 +231,6 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool):
     )
     if not atomic:
         order, segments = inverse_index(indices)
-        xa_rows = channels_innermost(xa)  # read at the sorted queries
         _match_bwd_scatter_sorted_kernel[(B * N,)](
             xa_rows, order, segments, coef, coef_s, acc_b, sum_b,
             N, C, *pixel_strides(xa_rows),

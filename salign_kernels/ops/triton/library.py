@@ -29,7 +29,6 @@ import torch
 from .._common import (
     WINDOW_MODES,
     backward_shapes,
-    pixel_scales,
     register_match_autograd,
     register_symmetric_autograd,
     shape_values,
@@ -38,6 +37,7 @@ from . import backward as _backward
 from . import dense as _dense
 from . import window as _window
 from ._runtime import check_backward, check_forward
+from .prepare import prepare_features
 
 NAMESPACE = "salign_triton"
 
@@ -66,7 +66,8 @@ def match_forward(
     """Best candidate of every query: dense (``window == 0``) or windowed. See the module docstring."""
     check_forward(xa, xb, mask_a, mask_b, window, mode)
     _check_device(xa)
-    scale_a, scale_b = pixel_scales(xa, normalize), pixel_scales(xb, normalize)
+    xa, scale_a, _ = prepare_features(xa, normalize, rows=True)
+    xb, scale_b, _ = prepare_features(xb, normalize, rows=True)
     if window == 0:
         return _dense.dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
     return _window.window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode)
@@ -88,7 +89,8 @@ def match_symmetric_forward(
     """Dense matching a -> b and b -> a from one pass. See the module docstring."""
     check_forward(xa, xb, mask_a, mask_b, 0, WINDOW_MODES["sliding"])
     _check_device(xa)
-    scale_a, scale_b = pixel_scales(xa, normalize), pixel_scales(xb, normalize)
+    xa, scale_a, _ = prepare_features(xa, normalize, rows=True)
+    xb, scale_b, _ = prepare_features(xb, normalize, rows=True)
     return _dense.dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
 
 
