@@ -118,21 +118,23 @@ def op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
 
 
 def register_match_autograd(forward_op, backward_op) -> None:
-    """Make ``forward_op`` differentiable in ``xa`` and ``xb`` through ``backward_op``.
+    """Make ``forward_op`` (a name or an op) differentiable in its first two inputs, the feature
+    maps, through ``backward_op(grad_values, xa, xb, indices, normalize) -> (grad_xa, grad_xb)``.
 
-    ``indices`` are marked non-differentiable; the backward reads only the saved inputs and indices.
+    Shared by both backends, whose ops take ``(xa, xb, ...options, normalize)``. ``indices`` are
+    marked non-differentiable; the backward reads only the saved inputs and indices.
     """
 
     def setup_context(ctx, inputs, output):
         xa, xb = inputs[:2]
-        ctx.normalize = inputs[-1]
+        ctx.normalize, ctx.options = inputs[-1], len(inputs) - 2
         ctx.save_for_backward(xa, xb, output[1])
         ctx.mark_non_differentiable(output[1])
 
     def backward(ctx, grad_values, _grad_indices):
         xa, xb, indices = ctx.saved_tensors
         grad_xa, grad_xb = backward_op(grad_values.contiguous(), xa, xb, indices, ctx.normalize)
-        return grad_xa, grad_xb, None, None, None, None, None
+        return (grad_xa, grad_xb) + (None,) * ctx.options
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
@@ -153,7 +155,7 @@ def register_symmetric_autograd(forward_op, backward_op) -> None:
 
     def setup_context(ctx, inputs, output):
         xa, xb = inputs[:2]
-        ctx.normalize = inputs[-1]
+        ctx.normalize, ctx.options = inputs[-1], len(inputs) - 2
         ctx.save_for_backward(xa, xb, output[1], output[3])
         ctx.mark_non_differentiable(output[1], output[3])
 
@@ -161,7 +163,7 @@ def register_symmetric_autograd(forward_op, backward_op) -> None:
         xa, xb, indices_ab, indices_ba = ctx.saved_tensors
         ga, gb = backward_op(grad_ab.contiguous(), xa, xb, indices_ab, ctx.normalize)
         gb2, ga2 = backward_op(grad_ba.contiguous(), xb, xa, indices_ba, ctx.normalize)
-        return ga + ga2, gb + gb2, None, None, None
+        return (ga + ga2, gb + gb2) + (None,) * ctx.options
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

@@ -15,7 +15,7 @@ import torch
 
 from .._backend import BackendStatus
 from .._dtypes import accumulation_dtype
-from ._common import encode_window
+from ._common import encode_window, register_match_autograd, register_symmetric_autograd
 
 name = "cpp"
 
@@ -92,32 +92,8 @@ def _register() -> None:
         return torch.empty_like(feat_a), torch.empty_like(feat_b)
 
     # Autograd: the values are differentiable in both feature maps, the indices are not.
-    def setup_one(ctx, inputs, output):
-        feat_a, feat_b, *_, normalize = inputs
-        ctx.normalize = normalize
-        ctx.save_for_backward(feat_a, feat_b, output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    def backward_one(ctx, grad_values, _grad_indices):
-        feat_a, feat_b, indices = ctx.saved_tensors
-        grad_a, grad_b = backward(grad_values.contiguous(), feat_a, feat_b, indices, ctx.normalize)
-        return grad_a, grad_b, None, None, None, None, None
-
-    def setup_both(ctx, inputs, output):
-        feat_a, feat_b, *_, normalize = inputs
-        ctx.normalize = normalize
-        ctx.save_for_backward(feat_a, feat_b, output[1], output[3])
-        ctx.mark_non_differentiable(output[1], output[3])
-
-    def backward_both(ctx, grad_ab, _grad_indices_ab, grad_ba, _grad_indices_ba):
-        # b -> a is the one-way backward with the roles of a and b swapped.
-        feat_a, feat_b, indices_ab, indices_ba = ctx.saved_tensors
-        grad_a, grad_b = backward(grad_ab.contiguous(), feat_a, feat_b, indices_ab, ctx.normalize)
-        grad_b2, grad_a2 = backward(grad_ba.contiguous(), feat_b, feat_a, indices_ba, ctx.normalize)
-        return grad_a + grad_a2, grad_b + grad_b2, None, None, None, None, None
-
-    torch.library.register_autograd("salign_kernels::match", backward_one, setup_context=setup_one)
-    torch.library.register_autograd("salign_kernels::match_symmetric", backward_both, setup_context=setup_both)
+    register_match_autograd("salign_kernels::match", backward)
+    register_symmetric_autograd("salign_kernels::match_symmetric", backward)
 
 
 if _LOAD_ERROR is None:

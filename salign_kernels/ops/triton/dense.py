@@ -60,6 +60,24 @@ def _similarity_tile(
 
 
 @triton.jit
+def _candidate_tile(
+    a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, start, N, C, sac, sbp, sbc,
+    HAS_MASK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE_K: tl.constexpr, IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The candidate tile starting at ``start``: ``(cols, col_ok, acc, scaled)`` with ``acc`` the
+    products ``<xa_p, xb_q>`` and ``scaled = acc * sb[q]`` (not yet masked: see ``col_ok``)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_MASK_B:
+        col_ok = col_ok & (tl.load(mb_ptr + base + cols, mask=col_ok, other=0) != 0)
+    acc = _similarity_tile(a_res, a_rows, row_in, b_base, cols, col_ok, C, sac, sbp, sbc,
+                           BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
+    sb = tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)
+    return cols, col_ok, acc, acc * sb[None, :]
+
+
+@triton.jit
 def _max_keep_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
@@ -129,14 +147,10 @@ def _dense_match_fwd_kernel(
     saw_nan = tl.zeros([BLOCK_M], tl.int32)
 
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        if HAS_MASK_B:
-            col_ok = col_ok & (tl.load(mb_ptr + base + cols, mask=col_ok, other=0) != 0)
-        acc = _similarity_tile(a_res, a_rows, row_in, b_base, cols, col_ok, C, sac, sbp, sbc,
-                               BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
-        sb = tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)
-        s = tl.where(col_ok[None, :], acc * sb[None, :], float("-inf"))  # (BLOCK_M, BLOCK_N)
+        cols, col_ok, acc, scaled = _candidate_tile(
+            a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, start, N, C, sac, sbp, sbc,
+            HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
+        s = tl.where(col_ok[None, :], scaled, float("-inf"))  # (BLOCK_M, BLOCK_N)
 
         if SYMMETRIC:
             # Row max and the lowest column attaining it (NaN wins, as in torch.max), merged into
@@ -163,14 +177,9 @@ def _dense_match_fwd_kernel(
         if tl.max(saw_nan, 0) > 0:  # the first NaN of each row that holds one: torch.max's answer
             first_nan = tl.full([BLOCK_M], NO_HIT, tl.int32)
             for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                if HAS_MASK_B:
-                    col_ok = col_ok & (tl.load(mb_ptr + base + cols, mask=col_ok, other=0) != 0)
-                acc = _similarity_tile(a_res, a_rows, row_in, b_base, cols, col_ok, C, sac, sbp, sbc,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
-                sb = tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)
-                s = acc * sb[None, :]
+                cols, col_ok, _, s = _candidate_tile(
+                    a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, start, N, C, sac, sbp, sbc,
+                    HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
                 first_nan = tl.minimum(first_nan, tl.min(tl.where((s != s) & col_ok[None, :], cols[None, :], NO_HIT), 1))
             has_nan = (saw_nan != 0) & (first_nan < NO_HIT)
             best = tl.where(has_nan, float("nan"), best)

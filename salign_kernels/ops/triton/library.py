@@ -53,6 +53,15 @@ def _check_device(xa: torch.Tensor) -> None:
     raise ValueError(f"{NAMESPACE}: the Triton kernels do not run on {xa.device.type} tensors{hint}")
 
 
+def _checked_rows_and_scales(xa, xb, mask_a, mask_b, window, mode, normalize):
+    """A forward op's inputs checked, then each map's pixel-major rows and scales (one pass each)."""
+    check_forward(xa, xb, mask_a, mask_b, window, mode)
+    _check_device(xa)
+    xa, scale_a, _ = prepare_features(xa, normalize, rows=True)
+    xb, scale_b, _ = prepare_features(xb, normalize, rows=True)
+    return xa, xb, scale_a, scale_b
+
+
 @torch.library.custom_op(f"{NAMESPACE}::match_forward", mutates_args=())
 def match_forward(
     xa: torch.Tensor,
@@ -64,10 +73,7 @@ def match_forward(
     normalize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Best candidate of every query: dense (``window == 0``) or windowed. See the module docstring."""
-    check_forward(xa, xb, mask_a, mask_b, window, mode)
-    _check_device(xa)
-    xa, scale_a, _ = prepare_features(xa, normalize, rows=True)
-    xb, scale_b, _ = prepare_features(xb, normalize, rows=True)
+    xa, xb, scale_a, scale_b = _checked_rows_and_scales(xa, xb, mask_a, mask_b, window, mode, normalize)
     if window == 0:
         return _dense.dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
     return _window.window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode)
@@ -87,10 +93,7 @@ def match_symmetric_forward(
     normalize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense matching a -> b and b -> a from one pass. See the module docstring."""
-    check_forward(xa, xb, mask_a, mask_b, 0, WINDOW_MODES["sliding"])
-    _check_device(xa)
-    xa, scale_a, _ = prepare_features(xa, normalize, rows=True)
-    xb, scale_b, _ = prepare_features(xb, normalize, rows=True)
+    xa, xb, scale_a, scale_b = _checked_rows_and_scales(xa, xb, mask_a, mask_b, 0, WINDOW_MODES["sliding"], normalize)
     return _dense.dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
 
 
