@@ -73,14 +73,6 @@ def _fail(kind, message: str):
     raise kind(f"salign_triton: {message}")
 
 
-def channels_innermost(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when each pixel's C-vector is contiguous (channel stride 1), else a pixel-major
-    copy: for the kernels that read single pixels' vectors at scattered positions (window
-    candidates, the backward's gather), where a channel-major layout would turn every channel of
-    every pixel into its own memory transaction."""
-    return x if x.stride(3) == 1 or x.shape[3] == 1 else x.contiguous()
-
-
 def check_features(name: str, x, like: Optional[torch.Tensor] = None) -> None:
     """A pixel-major ``(B, H, W, C)`` tensor of a supported dtype (same as ``like``) whose H and W
     axes flatten (:func:`pixel_strides`)."""

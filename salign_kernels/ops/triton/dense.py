@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._argmax import NO_HIT, block_argmax, fold_best
-from ._runtime import channels_innermost, feature_flags, is_interpreted, mask_pointer, next_power_of_2, pixel_strides
+from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2, pixel_strides
 
 
 @triton.jit
@@ -314,12 +314,13 @@ def _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices,
 def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     """Launch the dense kernel. Arguments as the op contract; returns ``(values, indices)`` (B, H, W).
 
-    Shapes: ``xa``, ``xb`` (B, H, W, C) whose H and W flatten (:func:`pixel_strides`); scales (B, H, W) float32 (float64 for float64);
-    masks None or bool (B, H, W). The caller (the op) has checked the contract.
+    Shapes: ``xa``, ``xb`` (B, H, W, C) whose H and W flatten (:func:`pixel_strides`), best with
+    the channels innermost (K-major ``tl.dot`` operands: the op passes the rows of
+    :func:`.prepare.prepare_features`); scales (B, H, W) float32 (float64 for float64); masks None
+    or bool (B, H, W). The caller (the op) has checked the contract.
     """
     B, H, W, C = xa.shape
     N = H * W
-    xa, xb = channels_innermost(xa), channels_innermost(xb)  # K-major tl.dot operands
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
@@ -360,7 +361,6 @@ def dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     """
     B, H, W, C = xa.shape
     N = H * W
-    xa, xb = channels_innermost(xa), channels_innermost(xb)  # K-major tl.dot operands
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)

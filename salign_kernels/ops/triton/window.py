@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._common import WINDOW_MODES
-from ._runtime import channels_innermost, feature_flags, is_interpreted, mask_pointer, next_power_of_2, pixel_strides
+from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2, pixel_strides
 from ._argmax import block_argmax, fold_best
 
 
@@ -144,10 +144,10 @@ def block_c(C: int) -> int:
 def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window: int, mode: int):
     """Launch the window kernel. Arguments as the op contract; returns ``(values, indices)`` (B, H, W).
 
-    ``window`` >= 1 (odd when sliding), ``mode`` a value of :data:`WINDOW_MODES`; checked by the op.
+    ``window`` >= 1 (odd when sliding), ``mode`` a value of :data:`WINDOW_MODES`; checked by the op,
+    which passes channels-innermost rows (candidates are gathered per pixel).
     """
     B, H, W, C = xa.shape
-    xa, xb = channels_innermost(xa), channels_innermost(xb)  # the candidates are gathered per pixel
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
