@@ -73,9 +73,9 @@ def run_case(benchmark, provider: str, case: Case, mode: str, group: str, size: 
         torch=torch.__version__,
     )
     if provider.startswith("cpp"):
-        from salign_kernels.ops import cpu
+        from salign_kernels.ops import cpp
 
-        benchmark.extra_info["kernel_variant"] = cpu.capability()
+        benchmark.extra_info["kernel_variant"] = cpp.capability()
     if mode == "backward":
 
         def setup():

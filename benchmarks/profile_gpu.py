@@ -87,16 +87,17 @@ def _scan_kernel(xa_ptr, xb_ptr, out_ptr, idx_ptr, N, C: tl.constexpr, EPILOGUE:
 def scan_ceilings(out):
     from triton.testing import do_bench
 
-    from salign_kernels.ops._common import pixel_major, pixel_scales
     from salign_kernels.ops.triton import dense
+    from salign_kernels.ops.triton._runtime import voxel_major
+    from salign_kernels.ops.triton.prepare import prepare_features
 
     B, C, H, W = GPU_DENSE_SHAPE
     N = H * W
     flops = 2 * B * N * N * C
     a, b = make_inputs(Case(GPU_DENSE_SHAPE, None, "sliding", False, torch.bfloat16), device="cuda",
                        requires_grad=False)
-    xa, xb = pixel_major(a), pixel_major(b)  # views of the (B, C, H, W) maps: pixel stride 1
-    sa, sb = pixel_scales(xa, True), pixel_scales(xb, True)
+    xa, xb = voxel_major(a), voxel_major(b)  # views of the (B, C, H, W) maps: voxel stride 1
+    sa, sb = prepare_features(xa, True, rows=False)[1], prepare_features(xb, True, rows=False)[1]
     best = torch.empty(B, N, device="cuda")
     idx = torch.empty(B, N, device="cuda", dtype=torch.int32)
     print(f"\n=== dense scan {GPU_DENSE_SHAPE} bf16: TFLOP/s of the similarities ===", file=out)

@@ -11,8 +11,8 @@ A provider turns ``(feat_a, feat_b)`` into the LA loss with one implementation:
 - ``cpp_two_pass``, ``triton_two_pass``: a symmetric loss as two one-way passes, the alternative
   to the backend's fused symmetric pass;
 - ``triton_ieee``: ``triton`` with float32 features multiplied as true float32 products on the
-  CUDA cores (``salign_kernels.ops.triton._runtime.FP32_PRECISION = "ieee"``) instead of the
-  default three TF32 tensor-core products: the opt-in whose speed the GPU check measures.
+  CUDA cores (``salign_kernels.set_float32_precision("ieee")``) instead of the default three TF32
+  tensor-core products: the opt-in whose speed the GPU check measures.
 """
 
 from __future__ import annotations
@@ -134,14 +134,12 @@ def loss_function(provider: str, case: Case, compile_backend: str = "inductor") 
         return lambda a, b: (sk.local_alignment_loss(a, b, window=case.window, window_mode=case.mode, backend=backend)
                              + sk.local_alignment_loss(b, a, window=case.window, window_mode=case.mode, backend=backend)) / 2
     if provider == "triton_ieee":
-        from salign_kernels.ops.triton import _runtime
-
         def ieee(a, b):
-            previous, _runtime.FP32_PRECISION = _runtime.FP32_PRECISION, "ieee"
+            previous = sk.set_float32_precision("ieee")
             try:
                 return sk.local_alignment_loss(a, b, backend="triton", **options)
             finally:
-                _runtime.FP32_PRECISION = previous
+                sk.set_float32_precision(previous)
 
         return ieee
     return lambda a, b: sk.local_alignment_loss(a, b, backend=provider, **options)

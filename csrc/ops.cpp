@@ -1,6 +1,7 @@
-// Registration of the salign_kernels ops (schemas and CPU implementations) and the Python module
-// salign_kernels._C whose import loads them. Fake (meta) implementations and autograd are
-// registered from Python, in salign_kernels/ops/cpu.py.
+// The CPU kernels of the op family salign_kernels::match, match_symmetric and match_backward, and
+// the Python module salign_kernels._C whose import registers them. The schemas, fake (meta)
+// implementations and autograd are defined once, in Python (salign_kernels/ops/_library.py), so
+// that the Triton backend can use the same ops on a machine without this extension.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,22 +15,7 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// Features are (B, C, H, W) in any memory layout; x_hat = x / max(||x||, 1e-12) over C when
-// `normalize`. match: for each pixel p of feat_a, the max over its candidates q in feat_b of
-// <xa_hat_p, xb_hat_q> and the lowest q attaining it (window 0: every pixel; else the sliding
-// (mode 0) or partition (mode 1) window); -1 and 0 for a masked query or one without candidates.
-// match_symmetric: both directions (dense only). match_backward: the gradients of both feature
-// maps given the gradient of the values and the saved indices.
-TORCH_LIBRARY(salign_kernels, m) {
-  m.def(
-      "match(Tensor feat_a, Tensor feat_b, Tensor? mask_a, Tensor? mask_b, int window, int mode, bool normalize) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "match_symmetric(Tensor feat_a, Tensor feat_b, Tensor? mask_a, Tensor? mask_b, int window, int mode, "
-      "bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "match_backward(Tensor grad_values, Tensor feat_a, Tensor feat_b, Tensor indices, bool normalize) "
-      "-> (Tensor, Tensor)");
+TORCH_LIBRARY_FRAGMENT(salign_kernels, m) {
   m.def("cpu_capability() -> str", &salign::cpu_capability);
 }
 

@@ -1,11 +1,13 @@
 """salign_kernels: fused dense feature-matching losses for self-supervised alignment learning.
 
-The local alignment loss matches every pixel of one slice's feature map to its most similar pixel in
-a nearby slice, without building the (H*W x H*W) similarity matrix; the global positional loss
-predicts the slices' relative position. See the README for the definitions.
+The local alignment loss matches every pixel of one slice's feature map (or every voxel of a
+sub-volume's) to its most similar pixel in a nearby slice, without building the (N x N) similarity
+matrix; the global positional loss predicts the slices' relative position. See the README for the
+definitions.
 """
 
 from ._backend import BackendStatus, BackendUnavailableError, backends, resolve_backend
+from ._config import get_float32_precision, set_float32_precision
 from .functional import dense_match, global_positional_loss, local_alignment_loss, window_match
 from .losses import GlobalPositionalHead, LocalAlignmentLoss, SALoss, SALossOutput
 
@@ -24,4 +26,6 @@ __all__ = [
     "resolve_backend",
     "BackendStatus",
     "BackendUnavailableError",
+    "set_float32_precision",
+    "get_float32_precision",
 ]

@@ -7,15 +7,15 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from ._backend import BACKEND_NAMES
 from ._validation import (
-    BACKEND_NAMES,
     REDUCTIONS,
     check_bool,
     check_choice,
     check_features,
     check_window_option,
 )
-from .functional import global_positional_loss, local_alignment_loss
+from .functional import Window, global_positional_loss, local_alignment_loss
 
 
 def _check_positive_int(value, name: str) -> None:
@@ -32,7 +32,8 @@ class LocalAlignmentLoss(nn.Module):
     :func:`salign_kernels.local_alignment_loss` for every option.
 
     Args:
-        window: ``None`` (dense matching) or the window size; odd in sliding mode.
+        window: ``None`` (dense matching), the window size, or one size per spatial axis; odd in
+            sliding mode.
         window_mode: ``"sliding"`` or ``"partition"``.
         symmetric: average the a -> b and b -> a directions.
         normalize: use cosine similarities.
@@ -40,7 +41,8 @@ class LocalAlignmentLoss(nn.Module):
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
 
     Shape:
-        ``feat_a``, ``feat_b``: ``(B, C, H, W)``; ``mask_a``, ``mask_b``: bool ``(B, H, W)``.
+        ``feat_a``, ``feat_b``: ``(B, C, H, W)`` or ``(B, C, D, H, W)``; ``mask_a``, ``mask_b``:
+        bool ``(B, *spatial)``.
 
     Example:
         >>> criterion = LocalAlignmentLoss(window=7, symmetric=True)
@@ -49,7 +51,7 @@ class LocalAlignmentLoss(nn.Module):
 
     def __init__(
         self,
-        window: Optional[int] = None,
+        window: Optional[Window] = None,
         window_mode: str = "sliding",
         symmetric: bool = False,
         normalize: bool = True,
@@ -58,6 +60,7 @@ class LocalAlignmentLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_window_option(window, window_mode)
+        window = tuple(window) if isinstance(window, list) else window
         check_bool(symmetric, "symmetric")
         check_bool(normalize, "normalize")
         check_choice(reduction, "reduction", REDUCTIONS)
@@ -93,21 +96,29 @@ class LocalAlignmentLoss(nn.Module):
 
 
 class GlobalPositionalHead(nn.Module):
-    """Predicts the signed slice offset ``pos_b - pos_a`` from two feature maps.
+    """Predicts the signed offset ``pos_b - pos_a`` from two feature maps.
 
-    ``pred = MLP([GAP(feat_a), GAP(feat_b)])`` with ``GAP`` the global average over (H, W) and
-    ``MLP = Linear(2C, hidden) -> ReLU -> Linear(hidden, 1)``.
+    ``pred = MLP([GAP(feat_a), GAP(feat_b)])`` with ``GAP`` the global average over every spatial
+    axis and ``MLP = Linear(2C, hidden) -> ReLU -> Linear(hidden, out_features)``.
+
+    Args:
+        in_channels: C, the channels of the features.
+        hidden: width of the hidden layer.
+        out_features: the number of position coordinates: 1 for a slice's position in its volume,
+            K for K coordinates (e.g. 3 for a sub-volume's normalised centre).
 
     Shape:
-        ``feat_a``, ``feat_b``: ``(B, in_channels, H, W)`` -> ``(B,)``.
+        ``feat_a``, ``feat_b``: ``(B, in_channels, *spatial)`` (2D or 3D) -> ``(B,)`` when
+        ``out_features == 1``, else ``(B, out_features)``.
     """
 
-    def __init__(self, in_channels: int, hidden: int = 256) -> None:
+    def __init__(self, in_channels: int, hidden: int = 256, out_features: int = 1) -> None:
         super().__init__()
         _check_positive_int(in_channels, "in_channels")
         _check_positive_int(hidden, "hidden")
-        self.in_channels = in_channels
-        self.mlp = nn.Sequential(nn.Linear(2 * in_channels, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        _check_positive_int(out_features, "out_features")
+        self.in_channels, self.out_features = in_channels, out_features
+        self.mlp = nn.Sequential(nn.Linear(2 * in_channels, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
 
     def forward(self, feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
         check_features(feat_a, feat_b)
@@ -115,8 +126,10 @@ class GlobalPositionalHead(nn.Module):
             raise ValueError(
                 f"feat_a must have in_channels={self.in_channels} channels; got shape {tuple(feat_a.shape)}"
             )
-        pooled = torch.cat([feat_a.mean(dim=(2, 3)), feat_b.mean(dim=(2, 3))], dim=1)  # (B, 2C)
-        return self.mlp(pooled).squeeze(1)
+        spatial = tuple(range(2, feat_a.dim()))
+        pooled = torch.cat([feat_a.mean(dim=spatial), feat_b.mean(dim=spatial)], dim=1)  # (B, 2C)
+        pred = self.mlp(pooled)
+        return pred.squeeze(1) if self.out_features == 1 else pred
 
 
 class SALossOutput(NamedTuple):
@@ -138,11 +151,14 @@ class SALoss(nn.Module):
         window, window_mode, symmetric, normalize, backend: as :class:`LocalAlignmentLoss`.
         gp_weight: weight of the global positional loss, >= 0.
         hidden: width of the positional head's hidden layer.
+        pos_dims: coordinates per position: 1 for slice positions ``(B,)``, K for ``(B, K)``
+            positions (3 for the centres of sub-volume pairs).
         reduction: ``"mean"`` or ``"sum"``, applied to both parts.
 
     Shape:
-        ``feat_a``, ``feat_b``: ``(B, C, H, W)``; ``pos_a``, ``pos_b``: ``(B,)`` slice positions in
-        [0, 1]; ``mask_a``, ``mask_b``: optional bool ``(B, H, W)``.
+        ``feat_a``, ``feat_b``: ``(B, C, H, W)`` or ``(B, C, D, H, W)``; ``pos_a``, ``pos_b``:
+        ``(B,)`` slice positions in [0, 1] (``(B, pos_dims)`` when ``pos_dims > 1``);
+        ``mask_a``, ``mask_b``: optional bool ``(B, *spatial)``.
 
     Returns:
         :class:`SALossOutput` ``(total, local, positional)``.
@@ -157,12 +173,13 @@ class SALoss(nn.Module):
         self,
         in_channels: int,
         *,
-        window: Optional[int] = None,
+        window: Optional[Window] = None,
         window_mode: str = "sliding",
         symmetric: bool = False,
         normalize: bool = True,
         gp_weight: float = 1.0,
         hidden: int = 256,
+        pos_dims: int = 1,
         reduction: str = "mean",
         backend: str = "auto",
     ) -> None:
@@ -174,7 +191,7 @@ class SALoss(nn.Module):
         check_choice(reduction, "reduction", ("mean", "sum"))
         self.gp_weight = float(gp_weight)
         self.local_loss = LocalAlignmentLoss(window, window_mode, symmetric, normalize, reduction, backend)
-        self.head = GlobalPositionalHead(in_channels, hidden)
+        self.head = GlobalPositionalHead(in_channels, hidden, pos_dims)
 
     def forward(
         self,

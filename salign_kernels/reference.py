@@ -1,14 +1,18 @@
-"""The pure-PyTorch implementation of every op: the oracle for tests and the baseline of benchmarks.
+"""The pure-PyTorch implementation of every op: the oracle for tests, the baseline of benchmarks, and
+the fallback backend.
 
-It is written the way a user would write it: normalise, ``bmm`` (or ``unfold`` for sliding windows),
-masked ``max``. Autograd through ``max`` gives exactly the gradient fixed by the specification
-(through ``value[p] = s(p, index[p])`` only), so nothing here needs a custom backward.
+It is written the way a user would write it: normalise, flatten + ``bmm`` + masked ``max`` for dense
+matching, pad + ``Tensor.unfold`` on each spatial axis for sliding windows, a reshape into tiles +
+``bmm`` for partition windows. Autograd through ``max`` gives exactly the gradient fixed by the
+specification (through ``value[p] = s(p, index[p])`` only), so nothing here needs a custom backward.
 
 The functions here do not validate their arguments; the public API in :mod:`salign_kernels.functional`
 does that before it calls them.
 
-Notation: features ``(B, C, H, W)``; pixels flattened row-major, ``p = h * W + w``, ``N = H * W``;
-``s(p, q) = <xa_p, xb_q>`` with ``x`` L2-normalised over C when ``normalize=True``.
+Notation: features ``(B, C, *spatial)`` with ``spatial = (H, W)`` or ``(D, H, W)``; voxels flattened
+row-major, ``p = (d * H + h) * W + w``, ``N = D * H * W``; ``s(p, q) = <xa_p, xb_q>`` with ``x``
+L2-normalised over C when ``normalize=True``. A window is one size per spatial axis (an int means
+the same size on every axis).
 """
 
 from __future__ import annotations
@@ -19,19 +23,20 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._dtypes import accumulation_dtype
-
-NORMALIZE_EPS = 1e-12  # the eps of torch.nn.functional.normalize
+from ._backend import BackendStatus
+from ._matching import Matching, expand_window
+from ._numerics import NORMALIZE_EPS, accumulation_dtype
+from ._reduction import alignment_loss, positional_loss
 
 Match = Tuple[torch.Tensor, torch.Tensor]
 
 
 def prepare_features(feat: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Cast ``feat`` to its accumulation dtype and L2-normalise each pixel's C-vector when asked.
+    """Cast ``feat`` to its accumulation dtype and L2-normalise each voxel's C-vector when asked.
 
     ``x_p / max(||x_p||, 1e-12)``, the formula of ``torch.nn.functional.normalize``.
 
-    Shape: ``(B, C, H, W) -> (B, C, H, W)``, float32 (float64 stays float64).
+    Shape: ``(B, C, *spatial) -> (B, C, *spatial)``, float32 (float64 stays float64).
     """
     feat = feat.to(accumulation_dtype(feat.dtype))
     if normalize:
@@ -40,7 +45,7 @@ def prepare_features(feat: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def _finish(values: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor, shape) -> Match:
-    """Give invalid queries ``value = 0``, ``index = -1`` and reshape both to ``(B, H, W)``."""
+    """Give invalid queries ``value = 0``, ``index = -1`` and reshape both to ``(B, *spatial)``."""
     values = values.masked_fill(~valid, 0.0)
     indices = indices.masked_fill(~valid, -1)
     return values.reshape(shape), indices.reshape(shape)
@@ -53,6 +58,10 @@ def _query_valid(mask_a: Optional[torch.Tensor], has_candidate: torch.Tensor) ->
     return has_candidate & mask_a.reshape(has_candidate.shape[0], -1)
 
 
+def _out_shape(feat: torch.Tensor):
+    return (feat.shape[0], *feat.shape[2:])
+
+
 def dense_match(
     feat_a: torch.Tensor,
     feat_b: torch.Tensor,
@@ -60,177 +69,169 @@ def dense_match(
     mask_b: Optional[torch.Tensor] = None,
     normalize: bool = True,
 ) -> Match:
-    """Best match in all of ``feat_b`` for every pixel of ``feat_a``.
+    """Best match in all of ``feat_b`` for every voxel of ``feat_a``.
 
     ``value[p] = max_q s(p, q)``, ``index[p] = min argmax`` over unmasked candidates ``q``.
     Builds the full ``(B, N, N)`` similarity matrix: O(B N^2) memory.
 
-    Returns ``(values, indices)``, each ``(B, H, W)``; values float32 (float64 for float64 input),
-    indices int64 with -1 for queries that are masked out or have no candidate.
+    Returns ``(values, indices)``, each ``(B, *spatial)``; values float32 (float64 for float64
+    input), indices int64 flat indices, -1 for queries that are masked out or have no candidate.
     """
-    B, _, H, W = feat_a.shape
+    B, N = feat_a.shape[0], math.prod(feat_a.shape[2:])
     with torch.autocast(feat_a.device.type, enabled=False):
         xa = prepare_features(feat_a, normalize).flatten(2).transpose(1, 2)  # (B, N, C)
         xb = prepare_features(feat_b, normalize).flatten(2)  # (B, C, N)
         sim = torch.bmm(xa, xb)  # (B, N, N): sim[b, p, q] = s(p, q)
         if mask_b is None:
-            has_candidate = torch.ones(B, H * W, dtype=torch.bool, device=feat_a.device)
+            has_candidate = torch.ones(B, N, dtype=torch.bool, device=feat_a.device)
         else:
-            candidates = mask_b.reshape(B, 1, H * W)
+            candidates = mask_b.reshape(B, 1, N)
             sim = sim.masked_fill(~candidates, float("-inf"))
-            has_candidate = candidates.any(dim=-1).expand(B, H * W)
+            has_candidate = candidates.any(dim=-1).expand(B, N)
         values, indices = sim.max(dim=-1)  # torch.max returns the first (lowest) index on ties
-    return _finish(values, indices, _query_valid(mask_a, has_candidate), (B, H, W))
+    return _finish(values, indices, _query_valid(mask_a, has_candidate), _out_shape(feat_a))
+
+
+def _neighbourhoods(x: torch.Tensor, window: Sequence[int], value) -> torch.Tensor:
+    """``(B, C, *spatial) -> (B, C, *spatial, *window)``: every voxel's centred neighbourhood, the
+    map padded with ``value`` (a view of the padded map: ``unfold`` on each spatial axis)."""
+    pad = []
+    for k in reversed(window):  # F.pad lists the last axis first
+        pad += [k // 2, k // 2]
+    x = F.pad(x, pad, value=value)
+    for axis, k in enumerate(window):
+        x = x.unfold(2 + axis, k, 1)
+    return x
 
 
 def sliding_window_match(
     feat_a: torch.Tensor,
     feat_b: torch.Tensor,
-    window: int,
+    window,
     mask_a: Optional[torch.Tensor] = None,
     mask_b: Optional[torch.Tensor] = None,
     normalize: bool = True,
 ) -> Match:
-    """Best match in the ``window x window`` neighbourhood centred on the same (h, w) of ``feat_b``.
+    """Best match in the window centred on the same voxel of ``feat_b``.
 
-    ``window`` is odd, ``r = window // 2``; candidates ``(h + dy, w + dx)`` for ``|dy|, |dx| <= r``
-    that lie inside the map (no padding). Uses ``unfold``: O(B C window^2 N) memory.
+    ``window`` is an odd int or one odd size per spatial axis, ``r_i = k_i // 2``; candidates at
+    offsets ``|o_i| <= r_i`` that lie inside the map (no padding). Uses ``unfold``: O(B C N prod(k))
+    memory.
     """
-    B, C, H, W = feat_a.shape
-    K, r = window * window, window // 2
+    B, C = feat_a.shape[:2]
+    spatial = tuple(feat_a.shape[2:])
+    window = expand_window(window, len(spatial))
+    N, K = math.prod(spatial), math.prod(window)
     device = feat_a.device
     with torch.autocast(device.type, enabled=False):
-        xa = prepare_features(feat_a, normalize).reshape(B, C, 1, H * W)
+        xa = prepare_features(feat_a, normalize).reshape(B, C, N, 1)
         xb = prepare_features(feat_b, normalize)
-        neighbours = F.unfold(xb, window, padding=r).view(B, C, K, H * W)  # zero outside the map
-        sim = (xa * neighbours).sum(dim=1)  # (B, K, N): offset o = (dy + r) * window + (dx + r)
+        neighbours = _neighbourhoods(xb, window, 0.0).reshape(B, C, N, K)  # zero outside the map
+        sim = (xa * neighbours).sum(dim=1)  # (B, N, K): offsets in row-major order
         # Which offsets are real candidates: inside the map and, if given, unmasked in b.
-        present = torch.ones(1, 1, H, W, device=device) if mask_b is None else mask_b[:, None].to(xb.dtype)
-        candidates = F.unfold(present, window, padding=r) > 0.5  # (1 or B, K, N)
+        present = torch.ones(1, 1, *spatial, dtype=torch.bool, device=device) if mask_b is None else mask_b[:, None]
+        candidates = _neighbourhoods(present, window, False).reshape(present.shape[0], N, K)
         sim = sim.masked_fill(~candidates, float("-inf"))
         # Row-major offset order is also increasing flat index, so the first max is the lowest q.
-        values, offsets = sim.max(dim=1)  # (B, N)
-        has_candidate = candidates.any(dim=1).expand(B, H * W)
-    rows = torch.arange(H, device=device).repeat_interleave(W)
-    cols = torch.arange(W, device=device).repeat(H)
-    dy = torch.div(offsets, window, rounding_mode="floor") - r
-    dx = offsets % window - r
-    indices = (rows + dy) * W + (cols + dx)
-    return _finish(values, indices, _query_valid(mask_a, has_candidate), (B, H, W))
+        values, offsets = sim.max(dim=-1)  # (B, N)
+        has_candidate = candidates.any(dim=-1).expand(B, N)
+    # The flat index in b of each offset: the neighbourhoods of the flat index map.
+    flat = torch.arange(N, device=device).reshape(1, 1, *spatial)
+    flat_neighbours = _neighbourhoods(flat, window, -1).reshape(1, N, K).expand(B, N, K)
+    indices = torch.gather(flat_neighbours, 2, offsets[..., None])[..., 0]
+    return _finish(values, indices, _query_valid(mask_a, has_candidate), _out_shape(feat_a))
 
 
-def _to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
-    """``(B, D, Hp, Wp) -> (B * nh * nw, window^2, D)``: pixels of each window, row-major."""
-    B, D, Hp, Wp = x.shape
-    nh, nw = Hp // window, Wp // window
-    x = x.view(B, D, nh, window, nw, window).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B * nh * nw, window * window, D)
+def _tiles(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """``(B, E, *padded) -> (B * tiles, prod(window), E)``: the voxels of each tile, row-major within
+    the tile, tiles in row-major order (``padded`` holds whole tiles)."""
+    B, E = x.shape[:2]
+    counts = [size // k for size, k in zip(x.shape[2:], window)]
+    split = [B, E]
+    for n, k in zip(counts, window):
+        split += [n, k]
+    S = len(window)
+    order = [0] + [2 + 2 * i for i in range(S)] + [3 + 2 * i for i in range(S)] + [1]
+    return x.reshape(split).permute(order).reshape(B * math.prod(counts), math.prod(window), E)
 
 
-def _from_windows(x: torch.Tensor, B: int, nh: int, nw: int, window: int) -> torch.Tensor:
-    """Inverse of :func:`_to_windows` for one value per pixel: ``(B*nh*nw, window^2) -> (B, Hp, Wp)``."""
-    x = x.reshape(B, nh, nw, window, window).permute(0, 1, 3, 2, 4)
-    return x.reshape(B, nh * window, nw * window)
+def _untile(x: torch.Tensor, B: int, counts: Sequence[int], window: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`_tiles` for one value per voxel: ``(B * tiles, prod(window)) -> (B, *padded)``."""
+    S = len(window)
+    x = x.reshape(B, *counts, *window)
+    order = [0]
+    for i in range(S):
+        order += [1 + i, 1 + S + i]
+    return x.permute(order).reshape(B, *(n * k for n, k in zip(counts, window)))
 
 
 def partition_window_match(
     feat_a: torch.Tensor,
     feat_b: torch.Tensor,
-    window: int,
+    window,
     mask_a: Optional[torch.Tensor] = None,
     mask_b: Optional[torch.Tensor] = None,
     normalize: bool = True,
 ) -> Match:
-    """Best match inside the same ``window x window`` tile of ``feat_b``.
+    """Best match inside the same tile of ``feat_b``.
 
-    The map is tiled from (0, 0); edge tiles are smaller where H or W is not a multiple of
-    ``window``. The maps are zero-padded to whole tiles and the padding is masked out of the
-    candidates, then one ``bmm`` per tile.
+    The map is tiled from the origin with tiles of ``window`` (an int or one size per axis); edge
+    tiles are smaller where a size does not divide the map. The maps are zero-padded to whole tiles
+    and the padding is masked out of the candidates, then one ``bmm`` per tile.
     """
-    B, C, H, W = feat_a.shape
-    nh, nw = math.ceil(H / window), math.ceil(W / window)
-    pad = (0, nw * window - W, 0, nh * window - H)
+    B = feat_a.shape[0]
+    spatial = tuple(feat_a.shape[2:])
+    window = expand_window(window, len(spatial))
+    counts = [math.ceil(size / k) for size, k in zip(spatial, window)]
+    pad = []
+    for size, n, k in zip(reversed(spatial), reversed(counts), reversed(window)):
+        pad += [0, n * k - size]
     device = feat_a.device
     with torch.autocast(device.type, enabled=False):
-        wa = _to_windows(F.pad(prepare_features(feat_a, normalize), pad), window)
-        wb = _to_windows(F.pad(prepare_features(feat_b, normalize), pad), window)
-        sim = torch.bmm(wa, wb.transpose(1, 2))  # (B * nh * nw, K, K)
-        present = torch.ones(B, 1, H, W, dtype=torch.bool, device=device)
+        ta = _tiles(F.pad(prepare_features(feat_a, normalize), pad), window)
+        tb = _tiles(F.pad(prepare_features(feat_b, normalize), pad), window)
+        sim = torch.bmm(ta, tb.transpose(1, 2))  # (B * tiles, K, K)
+        present = torch.ones(B, 1, *spatial, dtype=torch.bool, device=device)
         if mask_b is not None:
             present = present & mask_b[:, None]
-        candidates = _to_windows(F.pad(present, pad), window).transpose(1, 2)  # (B*nh*nw, 1, K)
+        candidates = _tiles(F.pad(present, pad), window).transpose(1, 2)  # (B * tiles, 1, K)
         sim = sim.masked_fill(~candidates, float("-inf"))
-        values, local = sim.max(dim=-1)  # (B * nh * nw, K); window-local row-major = flat order
+        values, local = sim.max(dim=-1)  # (B * tiles, K); tile-local row-major = flat order
         has_candidate = candidates.any(dim=-1).expand_as(local)
-    # Flat index in b of each window-local offset.
-    origin_row = torch.arange(nh, device=device).view(1, nh, 1, 1) * window
-    origin_col = torch.arange(nw, device=device).view(1, 1, nw, 1) * window
-    local = local.view(B, nh, nw, window * window)
-    indices = (origin_row + local // window) * W + origin_col + local % window
-    crop = (slice(None), slice(0, H), slice(0, W))
-    values = _from_windows(values, B, nh, nw, window)[crop]
-    indices = _from_windows(indices.reshape(-1, window * window), B, nh, nw, window)[crop]
-    has_candidate = _from_windows(has_candidate, B, nh, nw, window)[crop]
-    valid = _query_valid(mask_a, has_candidate.reshape(B, H * W))
-    return _finish(values.reshape(B, H * W), indices.reshape(B, H * W), valid, (B, H, W))
+    # The flat index in b of each tile-local offset: the flat index map, cut into the same tiles.
+    flat = torch.arange(math.prod(spatial), device=device).reshape(1, 1, *spatial)
+    flat_tiles = _tiles(F.pad(flat, pad), window)[..., 0].repeat(B, 1)  # (B * tiles, K)
+    indices = torch.gather(flat_tiles, 1, local)
+    crop = (slice(None),) + tuple(slice(0, size) for size in spatial)
+    values = _untile(values, B, counts, window)[crop]
+    indices = _untile(indices, B, counts, window)[crop]
+    has_candidate = _untile(has_candidate, B, counts, window)[crop]
+    valid = _query_valid(mask_a, has_candidate.reshape(B, -1))
+    N = math.prod(spatial)
+    return _finish(values.reshape(B, N), indices.reshape(B, N), valid, _out_shape(feat_a))
 
 
 def window_match(
     feat_a: torch.Tensor,
     feat_b: torch.Tensor,
-    window: int,
+    window,
     mode: str = "sliding",
     mask_a: Optional[torch.Tensor] = None,
     mask_b: Optional[torch.Tensor] = None,
     normalize: bool = True,
 ) -> Match:
-    """Windowed matching: ``mode="sliding"`` (centred neighbourhood) or ``"partition"`` (same tile)."""
-    fn = sliding_window_match if mode == "sliding" else partition_window_match
-    return fn(feat_a, feat_b, window, mask_a, mask_b, normalize)
-
-
-def match(
-    feat_a: torch.Tensor,
-    feat_b: torch.Tensor,
-    window: Optional[int] = None,
-    mode: str = "sliding",
-    mask_a: Optional[torch.Tensor] = None,
-    mask_b: Optional[torch.Tensor] = None,
-    normalize: bool = True,
-) -> Match:
-    """Dense matching for ``window=None``, else windowed matching."""
+    """Windowed matching: ``mode="sliding"`` (centred neighbourhood) or ``"partition"`` (same tile);
+    ``window=None`` is dense matching."""
     if window is None:
         return dense_match(feat_a, feat_b, mask_a, mask_b, normalize)
-    return window_match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
-
-
-def alignment_loss(directions: Sequence[Match], reduction: str = "mean") -> torch.Tensor:
-    """The LA/WLA loss from the matches of one or two directions (a -> b, then b -> a).
-
-    Per query pixel ``l_p = |1 - value[p]|`` over valid queries (index >= 0), 0 elsewhere.
-    ``"mean"`` divides each direction's sum by its number of valid queries (0 when there is none),
-    ``"sum"`` keeps the sum; two directions are averaged. ``"none"`` returns ``(B, H, W)``, or
-    ``(B, 2, H, W)`` for two directions (channel 0 is a -> b).
-
-    Every backend shares this reduction: backends differ only in how they match.
-    """
-    per_pixel = [torch.where(idx >= 0, (1.0 - val).abs(), 0.0) for val, idx in directions]
-    if reduction == "none":
-        return per_pixel[0] if len(per_pixel) == 1 else torch.stack(per_pixel, dim=1)
-    if reduction == "sum":
-        totals = [loss.sum() for loss in per_pixel]
-    else:  # "mean"; the clamp keeps an all-masked batch at 0 without a host sync
-        totals = [
-            loss.sum() / (idx >= 0).sum().clamp_min(1).to(loss.dtype)
-            for loss, (_, idx) in zip(per_pixel, directions)
-        ]
-    return totals[0] if len(totals) == 1 else (totals[0] + totals[1]) / 2
+    fn = sliding_window_match if mode == "sliding" else partition_window_match
+    return fn(feat_a, feat_b, window, mask_a, mask_b, normalize)
 
 
 def local_alignment_loss(
     feat_a: torch.Tensor,
     feat_b: torch.Tensor,
-    window: Optional[int] = None,
+    window=None,
     window_mode: str = "sliding",
     symmetric: bool = False,
     mask_a: Optional[torch.Tensor] = None,
@@ -242,9 +243,9 @@ def local_alignment_loss(
 
     ``symmetric=True`` adds the direction b -> a: queries in b, candidates in a, masks swapped.
     """
-    directions = [match(feat_a, feat_b, window, window_mode, mask_a, mask_b, normalize)]
+    directions = [window_match(feat_a, feat_b, window, window_mode, mask_a, mask_b, normalize)]
     if symmetric:
-        directions.append(match(feat_b, feat_a, window, window_mode, mask_b, mask_a, normalize))
+        directions.append(window_match(feat_b, feat_a, window, window_mode, mask_b, mask_a, normalize))
     return alignment_loss(directions, reduction)
 
 
@@ -252,4 +253,35 @@ def global_positional_loss(
     pred: torch.Tensor, pos_a: torch.Tensor, pos_b: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
     """L1 between the predicted signed offset and the true one: ``|pred - (pos_b - pos_a)|``."""
-    return F.l1_loss(pred, (pos_b - pos_a).to(pred.dtype), reduction=reduction)
+    return positional_loss(pred, pos_a, pos_b, reduction)
+
+
+# --- the fallback backend (see salign_kernels._backend) ------------------------------------------
+
+name = "reference"
+
+
+def status() -> BackendStatus:
+    return BackendStatus(True)
+
+
+def supports(device) -> bool:
+    return True
+
+
+def unsupported(feat_a: torch.Tensor, matching: Matching) -> Optional[str]:
+    return None
+
+
+def fuses_symmetric(feat_a: torch.Tensor, matching: Matching) -> bool:
+    return False
+
+
+def match(feat_a: torch.Tensor, feat_b: torch.Tensor, matching: Matching) -> Match:
+    """The backend entry point: the matching that ``matching`` describes."""
+    return window_match(feat_a, feat_b, matching.window, matching.mode, matching.mask_a, matching.mask_b,
+                        matching.normalize)
+
+
+def match_symmetric(feat_a, feat_b, matching: Matching):  # never called: fuses_symmetric is False
+    raise NotImplementedError

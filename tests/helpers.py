@@ -6,7 +6,7 @@ import torch
 
 
 def make_features(shape, dtype=torch.float32, seed=0, device="cpu"):
-    """Two random feature maps ``(B, C, H, W)`` from a fixed seed."""
+    """Two random feature maps ``(B, C, *spatial)`` (2D or 3D) from a fixed seed."""
     generator = torch.Generator().manual_seed(seed)
     a = torch.randn(shape, generator=generator, dtype=torch.float64)
     b = torch.randn(shape, generator=generator, dtype=torch.float64)
@@ -14,20 +14,21 @@ def make_features(shape, dtype=torch.float32, seed=0, device="cpu"):
 
 
 def make_mask(shape, keep=0.7, seed=1, device="cpu"):
-    """A random bool mask ``(B, H, W)`` keeping about ``keep`` of the pixels."""
-    B, _, H, W = shape
+    """A random bool mask ``(B, *spatial)`` keeping about ``keep`` of the voxels of features of ``shape``."""
     generator = torch.Generator().manual_seed(seed)
-    return (torch.rand(B, H, W, generator=generator) < keep).to(device)
+    return (torch.rand(shape[0], *shape[2:], generator=generator) < keep).to(device)
 
 
 def as_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values in another memory layout: contiguous, channels-last or a strided view."""
+    """The same values in another memory layout: contiguous, channels-last (channels_last_3d for a
+    volume) or a strided view."""
     if layout == "contiguous":
         return x.contiguous()
     if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
+        format = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        return x.contiguous(memory_format=format)
     if layout == "strided":  # every other column of a map twice as wide: not contiguous
-        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
         wide[..., ::2] = x
         view = wide[..., ::2]
         assert not view.is_contiguous()
@@ -67,7 +68,7 @@ def cpu_backends():
 
 
 def similarity(feat_a, feat_b, p_index, q_index, normalize=True):
-    """``s(p, q)`` in float64 for matching (B, N) index tensors p and q (q >= 0)."""
+    """``s(p, q)`` in float64 for matching (B, N) flat index tensors p and q (q >= 0)."""
     from salign_kernels import reference
 
     xa = reference.prepare_features(feat_a.double(), normalize).flatten(2)

@@ -48,7 +48,7 @@ def test_functional_api_matches_the_reference(window, mode):
         got = sk.dense_match(a, b, mask_a=mask_a, mask_b=mask_b, backend="reference")
     else:
         got = sk.window_match(a, b, window, mode=mode, mask_a=mask_a, mask_b=mask_b, backend="reference")
-    want = reference.match(a, b, window, mode, mask_a, mask_b)
+    want = reference.window_match(a, b, window, mode, mask_a, mask_b)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     loss = sk.local_alignment_loss(a, b, window=window, window_mode=mode, symmetric=True, mask_a=mask_a, backend="reference")
     torch.testing.assert_close(loss, reference.local_alignment_loss(a, b, window, mode, True, mask_a))

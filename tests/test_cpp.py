@@ -28,7 +28,7 @@ def compare(shape, window=None, mode="sliding", masked=True, dtype=torch.float32
     masks = dict(mask_a=make_mask(shape, 0.85, seed + 1), mask_b=make_mask(shape, 0.75, seed + 2)) if masked else {}
     masks["normalize"] = normalize
     got = sk.window_match(a, b, window, mode=mode, backend="cpp", **masks) if window else sk.dense_match(a, b, backend="cpp", **masks)
-    want = reference.match(a, b, window, mode, masks.get("mask_a"), masks.get("mask_b"), normalize)
+    want = reference.window_match(a, b, window, mode, masks.get("mask_a"), masks.get("mask_b"), normalize)
     assert_same_matches(got, want, a, b, normalize)
     grads = []
     for backend in ("cpp", "reference"):
@@ -85,7 +85,7 @@ def test_many_panels_and_query_tiles():
 
 VARIANT_SCRIPT = """
 import torch, salign_kernels as sk
-from salign_kernels.ops import cpu
+from salign_kernels.ops import cpp as cpu
 gen = torch.Generator().manual_seed(0)
 a, b = (torch.randn(2, 21, 13, 17, generator=gen, dtype=torch.float64).to(torch.{dtype}) for _ in range(2))
 mask = torch.rand(2, 13, 17, generator=gen) > 0.3
@@ -189,7 +189,7 @@ OPS = torch.ops.salign_kernels
 
 def op_args(**override):
     args = dict(feat_a=torch.randn(2, 3, 4, 5), feat_b=torch.randn(2, 3, 4, 5), mask_a=None, mask_b=None,
-                window=0, mode=0, normalize=True)
+                window=[], mode=0, normalize=True)
     args.update(override)
     return list(args.values())
 
@@ -197,17 +197,20 @@ def op_args(**override):
 @pytest.mark.parametrize(
     "override,error,message",
     [
-        (dict(feat_a=torch.randn(2, 3, 4)), ValueError, r"feat_a must be \(B, C, H, W\); got 3 dimensions"),
+        (dict(feat_a=torch.randn(2, 3, 4)), ValueError, r"feat_a must be \(B, C, H, W\) or \(B, C, D, H, W\); got 3 dimensions"),
+        (dict(feat_a=torch.randn(1, 2, 3, 4, 5, 6), feat_b=torch.randn(1, 2, 3, 4, 5, 6)), ValueError, r"got 6 dimensions"),
         (dict(feat_b=torch.randn(2, 3, 4, 6)), ValueError, r"feat_a and feat_b must have the same shape"),
         (dict(feat_b=torch.randn(2, 3, 4, 5, dtype=torch.float64)), TypeError, r"feat_a and feat_b must have the same dtype"),
         (dict(feat_a=torch.zeros(2, 3, 4, 5, dtype=torch.int32), feat_b=torch.zeros(2, 3, 4, 5, dtype=torch.int32)), TypeError, r"feat_a must be float32, float64, float16 or bfloat16"),
         (dict(feat_a=torch.randn(2, 0, 4, 5), feat_b=torch.randn(2, 0, 4, 5)), ValueError, r"feat_a must not be empty"),
         (dict(mask_a=torch.ones(2, 4, 5)), TypeError, r"mask_a must be bool; got Float"),
-        (dict(mask_b=torch.ones(2, 5, 4, dtype=torch.bool)), ValueError, r"mask_b must have shape \(B, H, W\)"),
-        (dict(window=-1), ValueError, r"window must be 0 \(dense\) or in \[1, max\(H, W\) = 5\]; got -1"),
-        (dict(window=6), ValueError, r"window must be 0 \(dense\) or in \[1, max\(H, W\) = 5\]; got 6"),
-        (dict(window=2, mode=0), ValueError, r"window must be odd in sliding mode; got 2"),
-        (dict(window=3, mode=2), ValueError, r"mode must be 0 \(sliding\) or 1 \(partition\); got 2"),
+        (dict(mask_b=torch.ones(2, 5, 4, dtype=torch.bool)), ValueError, r"mask_b must have shape \(B, \*spatial\)"),
+        (dict(window=[-1, 3]), ValueError, r"window sizes must lie in \[1, 5\]; got \[-1, 3\]"),
+        (dict(window=[3, 6]), ValueError, r"window sizes must lie in \[1, 5\]; got \[3, 6\]"),
+        (dict(window=[3]), ValueError, r"window must have one size per spatial axis \(2\); got \[3\]"),
+        (dict(window=[1, 3, 3]), ValueError, r"window must have one size per spatial axis \(2\)"),
+        (dict(window=[3, 2], mode=0), ValueError, r"window sizes must be odd in sliding mode; got \[3, 2\]"),
+        (dict(window=[3, 3], mode=2), ValueError, r"mode must be 0 \(sliding\) or 1 \(partition\); got 2"),
     ],
 )
 def test_op_checks(override, error, message):
@@ -217,13 +220,13 @@ def test_op_checks(override, error, message):
 
 def test_symmetric_op_is_dense_only():
     with pytest.raises(ValueError, match=r"match_symmetric fuses dense matching only"):
-        OPS.match_symmetric(*op_args(window=3, mode=1))
+        OPS.match_symmetric(*op_args(window=[3, 3], mode=1))
 
 
 @pytest.mark.parametrize(
     "override,error,message",
     [
-        (dict(indices=torch.full((2, 4, 5), 20)), ValueError, r"indices must lie in \[-1, H \* W = 20\)"),
+        (dict(indices=torch.full((2, 4, 5), 20)), ValueError, r"indices must lie in \[-1, N = 20\)"),
         (dict(indices=torch.full((2, 4, 5), -2)), ValueError, r"indices must lie in"),
         (dict(indices=torch.zeros(2, 4, 5, dtype=torch.int32)), TypeError, r"indices must be int64"),
         (dict(grad_values=torch.zeros(2, 4)), ValueError, r"grad_values must have shape"),
@@ -300,7 +303,7 @@ def test_property_matches_the_reference(problem):
     mask_b = make_mask(shape, problem["keep"][1], problem["seed"] + 2)
     kw = dict(mask_a=mask_a, mask_b=mask_b, normalize=problem["normalize"])
     got = (sk.window_match(a, b, window, mode=mode, backend="cpp", **kw) if window else sk.dense_match(a, b, backend="cpp", **kw))
-    want = reference.match(a, b, window, mode, mask_a, mask_b, problem["normalize"])
+    want = reference.window_match(a, b, window, mode, mask_a, mask_b, problem["normalize"])
     assert_same_matches(got, want, a, b, problem["normalize"], atol=1e-4)
 
 

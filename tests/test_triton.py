@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import salign_kernels as sk
-from salign_kernels import reference
-from salign_kernels.ops._common import WINDOW_MODES, op_arguments
+from salign_kernels import _backend, reference
+from salign_kernels._matching import WINDOW_MODE_CODES, matching_of
 from helpers import GRAD_TOLERANCE, VALUE_TOLERANCE, as_layout, assert_same_matches, make_features, make_mask, values_at
 
 
@@ -56,7 +56,7 @@ def deterministic():
 
 def _match(backend, a, b, window, mode, **kw):
     if backend == "reference":
-        return reference.match(a, b, window, mode, kw.get("mask_a"), kw.get("mask_b"), kw.get("normalize", True))
+        return reference.window_match(a, b, window, mode, kw.get("mask_a"), kw.get("mask_b"), kw.get("normalize", True))
     if window is None:
         return sk.dense_match(a, b, backend=backend, **kw)
     return sk.window_match(a, b, window, mode=mode, backend=backend, **kw)
@@ -135,7 +135,7 @@ def _check_symmetric(device, shape, masked, seed, dtype=torch.float32):
     a, b = make_features(shape, dtype, seed=seed, device=device)
     ma = make_mask(shape, 0.7, seed + 1, device) if masked else None
     mb = make_mask(shape, 0.6, seed + 2, device) if masked else None
-    got = backend.match_symmetric(a, b, None, "sliding", ma, mb, True)
+    got = backend.match_symmetric(a, b, matching_of(a, None, "sliding", ma, mb, True))
     want = [reference.dense_match(a, b, ma, mb), reference.dense_match(b, a, mb, ma)]
     atol = VALUE_TOLERANCE[dtype][0]
     for (g, w), (x, y) in zip(zip(got, want), ((a, b), (b, a))):
@@ -158,17 +158,19 @@ def test_fused_symmetric_agrees_with_two_passes(device, monkeypatch):
     a, b, ma, mb, fused = _check_symmetric(device, shape, True, seed=7)
     b2 = b.clone()
     b2[0, :, 3, 3] = float("nan")  # NaN wins in both directions
-    monkeypatch.setattr(backend, "FUSED_SYMMETRIC_MAX_BYTES", 0)  # two one-way passes
-    two_pass = backend.match_symmetric(a, b, None, "sliding", ma, mb, True)
+    matching = matching_of(a, None, "sliding", ma, mb, True)
+    monkeypatch.setattr(backend, "FUSED_SYMMETRIC_MAX_BYTES", 0)  # too large to fuse: two one-way passes
+    assert not backend.fuses_symmetric(a, matching)
+    two_pass = _backend.match_directions(backend, a, b, matching, symmetric=True)
     for (fv, fi), (tv, ti) in zip(fused, two_pass):
         torch.testing.assert_close(fv, tv, atol=1e-6, rtol=1e-6)
         assert (fi != ti).float().mean() < 0.05  # near-ties only
     monkeypatch.undo()
-    for values, indices in backend.match_symmetric(a, b2, None, "sliding", None, None, True):
+    for values, indices in backend.match_symmetric(a, b2, matching_of(a)):
         nan_rows = torch.isnan(values)
         assert nan_rows[0].any() and (indices[nan_rows] >= 0).all()
     # The b -> a NaNs: every query of b's first sample whose candidate set holds the NaN pixel.
-    _, (values_ba, _) = backend.match_symmetric(a, b2, None, "sliding", None, None, True)
+    _, (values_ba, _) = backend.match_symmetric(a, b2, matching_of(a))
     assert torch.isnan(values_ba[0, 3, 3])
 
 
@@ -191,13 +193,17 @@ def test_feature_flags():
         assert _runtime.feature_flags(torch.float32, cpu, interpreted=True)["PRECISION"] == "tf32x3"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    default = _runtime.FP32_PRECISION
-    _runtime.FP32_PRECISION = "fp16"
+    # An explicit choice wins over torch's switch; half operands are not affected by it.
+    previous = sk.set_float32_precision("ieee")
     try:
-        with pytest.raises(ValueError, match="FP32_PRECISION must be one of"):
-            _runtime.feature_flags(torch.float32, cpu, interpreted=True)
+        assert _runtime.feature_flags(torch.float32, cuda, interpreted=False)["PRECISION"] == "ieee"
+        assert _runtime.feature_flags(torch.float16, cuda, interpreted=False)["PRECISION"] == "tf32"
+        assert sk.get_float32_precision() == "ieee"
+        with pytest.raises(ValueError, match=r"precision must be one of 'auto', 'tf32x3', 'ieee', 'tf32'; got 'fp16'"):
+            sk.set_float32_precision("fp16")
+        assert sk.get_float32_precision() == "ieee"
     finally:
-        _runtime.FP32_PRECISION = default
+        assert sk.set_float32_precision(previous) == "ieee"
 
 
 @pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (3, "partition")])
@@ -222,33 +228,34 @@ def test_nan_wins_and_ties_keep_the_lowest_index(device, window, mode):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_prepare_features(device, dtype, layout, normalize):
-    # One pass per map: the scales of pixel_scales, their derivative factor (scale^3 where the norm
-    # is not clamped: 0 for a zero pixel), NaN for a NaN pixel, 0 for an infinite one; the rows are
-    # the map itself when its channels are innermost, else a pixel-major copy.
-    from salign_kernels.ops._common import pixel_scales
+    # One pass per map: the scales 1 / max(||x||, eps), their derivative factor (scale^3 where the
+    # norm is not clamped: 0 for a zero voxel), NaN for a NaN voxel, 0 for an infinite one; the rows
+    # are the map itself when its channels are innermost, else a voxel-major copy.
+    from salign_kernels.ops.triton._runtime import voxel_major
     from salign_kernels.ops.triton.prepare import prepare_features
 
     feat = make_features((2, 70, 5, 7), dtype, seed=13, device=device)[0]
     feat[0, :, 1, 1] = 0.0
     feat[1, 3, 2, 2] = float("nan")
     feat[1, 5, 4, 6] = float("inf")
-    x = as_layout(feat, layout).permute(0, 2, 3, 1)
+    x = voxel_major(as_layout(feat, layout))
     rows, scale, curv = prepare_features(x, normalize, rows=True)
     torch.testing.assert_close(rows, x, atol=0, rtol=0, equal_nan=True)
-    assert rows.stride(3) == 1
+    assert rows.stride(2) == 1
     assert (rows.data_ptr() == x.data_ptr()) == (layout == "channels_last")
-    want = pixel_scales(x, normalize)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(x.to(acc), dim=-1)
+    want = norms.clamp_min(1e-12).reciprocal() if normalize else torch.ones_like(norms)
     torch.testing.assert_close(scale, want, atol=0, rtol=1e-6, equal_nan=True)
     want_curv = torch.where(want < 1 / 1e-12, want**3, 0.0) if normalize else torch.zeros_like(want)
-    want_curv[1, 2, 2] = float("nan") if normalize else 0.0  # NaN norm: no derivative term, NaN anyway
     if normalize:
-        assert curv[0, 1, 1] == 0 and scale[0, 1, 1] == 1e12 and torch.isnan(scale[1, 2, 2])
-        assert scale[1, 4, 6] == 0 and curv[1, 4, 6] == 0
+        assert curv[0, 1 * 7 + 1] == 0 and scale[0, 1 * 7 + 1] == 1e12 and torch.isnan(scale[1, 2 * 7 + 2])
+        assert scale[1, 4 * 7 + 6] == 0 and curv[1, 4 * 7 + 6] == 0
         keep = torch.isfinite(want) & (want < 1e12)
         torch.testing.assert_close(curv[keep], want_curv[keep], atol=0, rtol=1e-5)
     else:
         assert torch.equal(scale, torch.ones_like(scale)) and torch.equal(curv, torch.zeros_like(curv))
-    assert scale.dtype == curv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert scale.dtype == curv.dtype == acc
 
 
 def _one_target_case(device, dtype=torch.float32):
@@ -305,13 +312,12 @@ def test_backward_op_paths_agree(device, dtype, normalize, layout):
     indices[0, 0, :3] = -1
     indices[1, 2, 2] = N + 3  # out of range: treated as no match, never read
     indices[1, 0, 0] = 2  # the zero pixel
-    op = torch.ops.salign_triton.match_backward
-    xa, xb = fa.permute(0, 2, 3, 1), fb.permute(0, 2, 3, 1)  # pixel-major views, no copy
-    atomic = op(g, xa, xb, indices, normalize)
+    op = _family(device).match_backward
+    atomic = op(g, fa, fb, indices, normalize)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        sorted_path = op(g, xa, xb, indices, normalize)
+        sorted_path = op(g, fa, fb, indices, normalize)
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -321,9 +327,9 @@ def test_backward_op_paths_agree(device, dtype, normalize, layout):
     want = torch.autograd.grad((values * g.double().cpu()).sum(), (x, y))
     atol, rtol = GRAD_TOLERANCE[dtype]
     for got in (atomic, sorted_path):
-        for grad, feature, w in zip(got, (xa, xb), want):
+        for grad, feature, w in zip(got, (fa, fb), want):
             assert grad.dtype == dtype and grad.stride() == feature.stride()
-            torch.testing.assert_close(grad.permute(0, 3, 1, 2).double().cpu(), w, atol=atol * 4, rtol=rtol)
+            torch.testing.assert_close(grad.double().cpu(), w, atol=atol * 4, rtol=rtol)
 
 
 @pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (2, "partition")])
@@ -354,74 +360,88 @@ def test_torch_compile_has_no_graph_break(device, window, mode):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+def _family(device):
+    """The op family the Triton kernels implement for tensors of ``device``."""
+    from salign_kernels.ops.triton import library
+
+    return library.family_for(torch.device(device))
+
+
 def _op_args(device="cpu", **changes):
     a, b = make_features((1, 3, 4, 5), device=device)
-    args = dict(zip(
-        ("xa", "xb", "mask_a", "mask_b", "window", "mode", "normalize"),
-        op_arguments(a, b, None, "sliding", None, None, True),
-    ))
+    args = dict(feat_a=a, feat_b=b, mask_a=None, mask_b=None, window=[], mode=0, normalize=True)
     args.update(changes)
     return args
 
 
 def _bad_forward_cases(device):
-    x = _op_args(device)["xa"]
+    x = _op_args(device)["feat_a"]
     mask = torch.ones(1, 4, 5, dtype=torch.bool, device=device)
     return [
-        (dict(xa=x.transpose(1, 2)), ValueError, "xa must have H and W axes that flatten"),
-        (dict(xa=x[:, :, ::2], xb=x[:, :, ::2]), ValueError, "xa must have H and W axes that flatten"),
-        (dict(xa=x[..., 0]), ValueError, "xa must be pixel-major"),
-        (dict(xb=x[:, :, :4].contiguous()), ValueError, "xb must have shape"),
-        (dict(xa=x.int(), xb=x.int()), TypeError, "xa must be one of"),
-        (dict(xb=x.double()), TypeError, "xb must have dtype"),
-        (dict(xa=x[:0], xb=x[:0]), ValueError, "must not be empty"),
+        (dict(feat_a=x[0]), ValueError, r"feat_a must be \(B, C, H, W\) or \(B, C, D, H, W\)"),
+        (dict(feat_b=x[:, :, :3].contiguous()), ValueError, "feat_b must have shape"),
+        (dict(feat_a=x.int(), feat_b=x.int()), TypeError, "feat_a must be one of"),
+        (dict(feat_b=x.double()), TypeError, "feat_b must have dtype"),
+        (dict(feat_a=x[:0], feat_b=x[:0]), ValueError, "must not be empty"),
         (dict(mask_a=mask.float()), TypeError, "mask_a must have dtype torch.bool"),
-        (dict(mask_b=mask[:, :3]), ValueError, "mask_b must have shape"),
-        (dict(window=-1), ValueError, "window must be an int >= 0"),
-        (dict(window=6), ValueError, "window must be at most max"),
-        (dict(window=2, mode=WINDOW_MODES["sliding"]), ValueError, "sliding window must be odd"),
-        (dict(window=3, mode=7), ValueError, "mode must be one of"),
+        (dict(mask_b=mask[:, :3]), ValueError, r"mask_b must have shape \(B, \*spatial\)"),
+        (dict(window=[3]), ValueError, "window must be \\[\\] \\(dense\\) or one size per spatial axis"),
+        (dict(window=[3, -1]), ValueError, "window sizes must be ints in"),
+        (dict(window=[3, 6]), ValueError, r"window sizes must be ints in \[1, max\(spatial\) = 5\]"),
+        (dict(window=[3, 2], mode=WINDOW_MODE_CODES["sliding"]), ValueError, "sliding window sizes must be odd"),
+        (dict(window=[3, 3], mode=7), ValueError, "mode must be one of"),
     ]
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(12))
 def test_forward_op_rejects_contract_violations(device, case):
     changes, error, pattern = _bad_forward_cases(device)[case]
     with pytest.raises(error, match=pattern):
-        torch.ops.salign_triton.match_forward(**_op_args(device, **changes))
+        _family(device).match(**_op_args(device, **changes))
 
 
-def test_forward_op_takes_pixel_major_views_without_copies(device):
-    # The pixel-major views of contiguous and channels-last maps, and a contiguous pixel-major
-    # tensor, are all taken as they are (same result); the gradients keep each one's strides.
-    a, b = make_features((2, 6, 5, 7), seed=9, device=device)
+def test_symmetric_op_is_dense_only(device):
+    with pytest.raises(ValueError, match="match_symmetric fuses dense matching only"):
+        _family(device).match_symmetric(**_op_args(device, window=[3, 3]))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 6, 3, 4, 5)])
+def test_ops_take_layouts_without_copies(device, shape):
+    # Contiguous and channels-last maps (2D and 3D) are read as they are (same result); the
+    # gradients keep each one's strides. A view whose spatial axes do not flatten gets the same
+    # answer through a copy, and its gradient comes back in empty_like's strides.
+    a, b = make_features(shape, seed=9, device=device)
+    layouts = ["contiguous", "channels_last", "transposed"]
     results = []
-    for layout in ("contiguous", "channels_last"):
-        x, y = as_layout(a, layout).detach().requires_grad_(), as_layout(b, layout).detach().requires_grad_()
-        xa, xb = x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)
-        assert xa.data_ptr() == x.data_ptr()
-        values, indices = torch.ops.salign_triton.match_forward(xa, xb, None, None, 0, 0, True)
+    for layout in layouts:
+        if layout == "transposed":  # spatial axes that do not flatten: (W, H) memory order
+            x = a.transpose(-1, -2).contiguous().transpose(-1, -2).detach().requires_grad_()
+            y = b.transpose(-1, -2).contiguous().transpose(-1, -2).detach().requires_grad_()
+        else:
+            x, y = as_layout(a, layout).detach().requires_grad_(), as_layout(b, layout).detach().requires_grad_()
+        values, indices = _family(device).match(x, y, None, None, [], 0, True)
         values.sum().backward()
-        assert x.grad.stride() == x.stride() and y.grad.stride() == y.stride()
+        assert x.grad.stride() == torch.empty_like(x).stride() and y.grad.stride() == torch.empty_like(y).stride()
         results.append((values.detach(), indices, x.grad, y.grad))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_backward_op_rejects_contract_violations(device):
     args = _op_args(device)
-    xa, xb = args["xa"], args["xb"]
+    fa, fb = args["feat_a"], args["feat_b"]
     g = torch.ones(1, 4, 5, device=device)
     indices = torch.zeros(1, 4, 5, dtype=torch.int64, device=device)
-    op = torch.ops.salign_triton.match_backward
+    op = _family(device).match_backward
     with pytest.raises(TypeError, match="indices must have dtype torch.int64"):
-        op(g, xa, xb, indices.int(), True)
+        op(g, fa, fb, indices.int(), True)
     with pytest.raises(ValueError, match="grad_values must have shape"):
-        op(g[:, :2], xa, xb, indices, True)
+        op(g[:, :2], fa, fb, indices, True)
     with pytest.raises(TypeError, match="grad_values must have dtype"):
-        op(g.double(), xa, xb, indices, True)
-    with pytest.raises(ValueError, match="xb must have H and W axes that flatten"):
-        op(g, xa, xb.transpose(1, 2), indices, True)
+        op(g.double(), fa, fb, indices, True)
+    with pytest.raises(ValueError, match="feat_b must have shape"):
+        op(g, fa, fb.transpose(2, 3), indices, True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of CPU tensors without a GPU")
@@ -531,13 +551,16 @@ def test_cuda_fp32_precisions(monkeypatch, precision):
     # float32 tolerance of the conformance tests.
     from salign_kernels.ops.triton import _runtime
 
-    monkeypatch.setattr(_runtime, "FP32_PRECISION", precision)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert _runtime.feature_flags(torch.float32, torch.device("cuda"), False)["PRECISION"] == precision
-    check_against_reference("cuda", (2, 128, 64, 64), None, masked=True, seed=47)
-    a, b = make_features((1, 256, 32, 32), seed=43, device="cuda")
-    want = reference.dense_match(a.double(), b.double())[0].float()
-    torch.testing.assert_close(sk.dense_match(a, b, backend="triton")[0], want, atol=2e-5, rtol=2e-5)
+    previous = sk.set_float32_precision(precision)
+    try:
+        assert _runtime.feature_flags(torch.float32, torch.device("cuda"), False)["PRECISION"] == precision
+        check_against_reference("cuda", (2, 128, 64, 64), None, masked=True, seed=47)
+        a, b = make_features((1, 256, 32, 32), seed=43, device="cuda")
+        want = reference.dense_match(a.double(), b.double())[0].float()
+        torch.testing.assert_close(sk.dense_match(a, b, backend="triton")[0], want, atol=2e-5, rtol=2e-5)
+    finally:
+        sk.set_float32_precision(previous)
 
 
 @pytest.mark.gpu

@@ -40,9 +40,10 @@ def test_features_must_be_tensors(call, feats):
         call(feats[0], None)
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 6), (1, 2, 3, 5, 6), (30,)])
+@pytest.mark.parametrize("shape", [(3, 5, 6), (1, 2, 3, 4, 5, 6), (30,)])
 def test_wrong_rank(call, shape):
-    message = r"feat_a must be a 4-D tensor \(B, C, H, W\); got .* of shape " + re.escape(str(tuple(shape)))
+    message = (r"feat_a must be a 4-D tensor \(B, C, H, W\) or a 5-D tensor \(B, C, D, H, W\); got .* of shape "
+               + re.escape(str(tuple(shape))))
     with pytest.raises(ValueError, match=message):
         call(torch.zeros(shape), torch.zeros(shape))
 
@@ -50,6 +51,11 @@ def test_wrong_rank(call, shape):
 def test_wrong_rank_names_feat_b(call, feats):
     with pytest.raises(ValueError, match=r"feat_b must be a 4-D tensor"):
         call(feats[0], feats[1][0])
+
+
+def test_a_slice_and_a_volume_differ_in_shape(call, feats):
+    with pytest.raises(ValueError, match=r"same shape; got \(2, 3, 5, 6\) and \(2, 3, 1, 5, 6\)"):
+        call(feats[0], feats[1][:, :, None])
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
@@ -97,6 +103,14 @@ def test_mask_wrong_type(call, feats, name):
 def test_mask_wrong_shape(call, feats, name, shape):
     with pytest.raises(ValueError, match=rf"{name} must have shape \(B, H, W\) = \(2, 5, 6\); got"):
         call(*feats, **{name: torch.ones(shape, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("name", ["mask_a", "mask_b"])
+@pytest.mark.parametrize("shape", [(2, 5, 6), (2, 4, 1, 6), (2, 4, 5, 6, 1)])
+def test_mask_wrong_shape_3d(call, name, shape):
+    a, b = make_features((2, 3, 4, 5, 6))
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(B, D, H, W\) = \(2, 4, 5, 6\); got"):
+        call(a, b, **{name: torch.ones(shape, dtype=torch.bool)})
 
 
 @pytest.mark.parametrize("name", ["mask_a", "mask_b"])
@@ -152,13 +166,65 @@ def test_even_window_in_sliding_mode(feats, caller):
 @pytest.mark.parametrize("caller", list(window_callers()))
 @pytest.mark.parametrize("window", [3.0, "3", True])
 def test_window_not_an_int(feats, caller, window):
-    with pytest.raises(TypeError, match=r"window must be an int or None \(dense matching\); got"):
+    with pytest.raises(TypeError, match=r"window must be an int, a tuple of ints .* or None \(dense matching\); got"):
         window_callers()[caller](*feats, window)
 
 
 def test_window_match_needs_a_window(feats):
-    with pytest.raises(TypeError, match=r"window must be an int or None"):
+    with pytest.raises(TypeError, match=r"window must be an int, a tuple of ints"):
         sk.window_match(*feats, 3.5)
+    with pytest.raises(ValueError, match=r"window must be an int or a tuple of ints for window_match; got None"):
+        sk.window_match(*feats, None)
+
+
+VOLUME = (2, 3, 4, 5, 6)
+
+
+@pytest.mark.parametrize("caller", list(window_callers()))
+@pytest.mark.parametrize("window", [(3, 3), (1, 3, 3, 3)])
+def test_window_tuple_of_the_wrong_length(caller, window):
+    a, b = make_features(VOLUME)
+    pattern = r"window must have one size per spatial axis"
+    with pytest.raises(ValueError, match=pattern):
+        window_callers()[caller](a, b, window)
+
+
+@pytest.mark.parametrize("caller", list(window_callers()))
+def test_window_tuple_of_the_wrong_length_for_slices(feats, caller):
+    with pytest.raises(ValueError, match=r"window must have one size per spatial axis \(H, W\), 2 in all, .*got \(1, 3, 3\)"):
+        window_callers()[caller](*feats, (1, 3, 3))
+
+
+@pytest.mark.parametrize("caller", list(window_callers()))
+@pytest.mark.parametrize("window", [(1, 3.0, 3), (1, "3", 3), (1, True, 3)])
+def test_window_tuple_with_a_non_int(caller, window):
+    a, b = make_features(VOLUME)
+    with pytest.raises(TypeError, match=r"window must be an int or a tuple of ints \(one per spatial axis\); got"):
+        window_callers()[caller](a, b, window)
+
+
+@pytest.mark.parametrize("caller", list(window_callers()))
+def test_window_tuple_even_in_sliding_mode(caller):
+    a, b = make_features(VOLUME)
+    with pytest.raises(ValueError, match=r"window must be odd in sliding mode .*; got \(1, 4, 3\)"):
+        window_callers()[caller](a, b, (1, 4, 3))
+    window_callers()[caller](a, b, (1, 4, 3), "partition")  # allowed
+
+
+@pytest.mark.parametrize("caller", list(window_callers()))
+@pytest.mark.parametrize("window", [(1, 0, 3), (0, 3, 3)])
+def test_window_tuple_below_one(caller, window):
+    a, b = make_features(VOLUME)
+    with pytest.raises(ValueError, match=r"window must be >= 1"):
+        window_callers()[caller](a, b, window, "partition")
+
+
+@pytest.mark.parametrize("caller", list(window_callers()))
+def test_window_larger_than_the_volume(caller):
+    a, b = make_features(VOLUME)
+    with pytest.raises(ValueError, match=r"window must be at most max\(D, H, W\) = 6 .* size 4 x 5 x 6; got \(7, 1, 1\)"):
+        window_callers()[caller](a, b, (7, 1, 1))
+    window_callers()[caller](a, b, (5, 1, 1))  # larger than D, within the largest axis: allowed
 
 
 @pytest.mark.parametrize("caller", list(window_callers()))
@@ -210,7 +276,10 @@ def test_backend_on_a_device_it_does_not_run_on(feats, monkeypatch):
     [
         (dict(window=0), ValueError, r"window must be >= 1"),
         (dict(window=4), ValueError, r"window must be odd in sliding mode"),
-        (dict(window=2.0), TypeError, r"window must be an int or None"),
+        (dict(window=2.0), TypeError, r"window must be an int, a tuple of ints"),
+        (dict(window=(3, 3, 3, 3)), ValueError, r"window must have one size per spatial axis, 2 \(H, W\) or 3"),
+        (dict(window=(1, 2, 3)), ValueError, r"window must be odd in sliding mode"),
+        (dict(window=(1, 3.0)), TypeError, r"window must be an int or a tuple of ints"),
         (dict(window_mode="grid"), ValueError, r"window_mode must be one of .*; got 'grid'"),
         (dict(symmetric=None), TypeError, r"symmetric must be a bool; got None"),
         (dict(normalize="no"), TypeError, r"normalize must be a bool; got 'no'"),
@@ -265,8 +334,10 @@ def test_positional_head_checks_the_features():
         ((None, torch.zeros(2), torch.zeros(2)), TypeError, r"pred must be a torch.Tensor; got None"),
         ((torch.zeros(2), [0.0, 1.0], torch.zeros(2)), TypeError, r"pos_a must be a torch.Tensor; got \[0.0, 1.0\]"),
         ((torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.long)), TypeError, r"pos_b must have a floating dtype; got torch.int64"),
-        ((torch.zeros(2, 1), torch.zeros(2), torch.zeros(2)), ValueError, r"pred must be a non-empty 1-D tensor \(B,\)"),
-        ((torch.zeros(0), torch.zeros(0), torch.zeros(0)), ValueError, r"pred must be a non-empty 1-D tensor"),
+        ((torch.zeros(2, 1), torch.zeros(2), torch.zeros(2)), ValueError, r"pos_a must have the shape of pred \(2, 1\); got \(2,\)"),
+        ((torch.zeros(2, 3, 1), torch.zeros(2, 3, 1), torch.zeros(2, 3, 1)), ValueError,
+         r"pred must be a non-empty \(B,\) or \(B, K\) tensor"),
+        ((torch.zeros(0), torch.zeros(0), torch.zeros(0)), ValueError, r"pred must be a non-empty \(B,\) or \(B, K\)"),
         ((torch.zeros(2), torch.zeros(3), torch.zeros(2)), ValueError, r"pos_a must have the shape of pred \(2,\); got \(3,\)"),
         ((torch.zeros(2), torch.zeros(2), torch.zeros(2, device="meta")), ValueError, r"pos_b must be on pred's device cpu; got meta"),
     ],

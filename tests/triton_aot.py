@@ -98,58 +98,58 @@ def compiles_of(kernel, args, kwargs):
 
 def record_launches():
     """Every kernel launch of the launchers, over the dtypes, masks, sizes and paths they take."""
-    from salign_kernels.ops.triton import _runtime, backward, dense, prepare, window
+    import salign_kernels as sk
+    from salign_kernels.ops.triton import backward, dense, prepare, window
 
     calls = []
     install_recorders([dense, window, backward, prepare], calls)
     gen = torch.Generator().manual_seed(0)
 
-    def inputs(dtype, H, W, C, layout="pixel"):
-        """Pixel-major features: contiguous (channel stride 1), or the view of a contiguous
-        (B, C, H, W) map (pixel stride 1), each specialised by Triton into its own compile."""
+    def inputs(dtype, N, C, layout="voxel"):
+        """Voxel-major features (B, N, C): contiguous (channel stride 1), or the view of a
+        contiguous (B, C, N) map (voxel stride 1), each specialised by Triton into its own compile."""
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        if layout == "pixel":
-            xa, xb = (torch.randn(2, H, W, C, generator=gen).to(dtype) for _ in range(2))
+        if layout == "voxel":
+            xa, xb = (torch.randn(2, N, C, generator=gen).to(dtype) for _ in range(2))
         else:
-            xa, xb = (torch.randn(2, C, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1) for _ in range(2))
-        scales = [torch.ones(2, H, W, dtype=acc) for _ in range(2)]
-        mask = torch.ones(2, H, W, dtype=torch.bool)
+            xa, xb = (torch.randn(2, C, N, generator=gen).to(dtype).permute(0, 2, 1) for _ in range(2))
+        scales = [torch.ones(2, N, dtype=acc) for _ in range(2)]
+        mask = torch.ones(2, N, dtype=torch.bool)
         return xa, xb, scales, mask
 
     # Every dtype through the fixed-tile paths (small maps; channels in one chunk and in several),
-    # the windows and both backward paths.
+    # the windows (2D and 3D) and both backward paths.
     for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
-        for H, W, C, masked, layout in [(9, 7, 24, False, "pixel"), (9, 7, 24, True, "pixel"),
-                                        (9, 7, 200, True, "pixel"), (9, 7, 24, True, "channel")]:
-            xa, xb, (sa, sb), mask = inputs(dtype, H, W, C, layout)
+        for N, C, masked, layout in [(63, 24, False, "voxel"), (63, 24, True, "voxel"),
+                                     (63, 200, True, "voxel"), (63, 24, True, "channel")]:
+            xa, xb, (sa, sb), mask = inputs(dtype, N, C, layout)
             masks = (mask, mask) if masked else (None, None)
             for normalize in (True, False):
                 prepare.prepare_features(xa, normalize, rows=True)
             dense.dense_match_forward(xa, xb, sa, sb, *masks)
             dense.dense_match_symmetric_forward(xa, xb, sa, sb, *masks)
             if masked:
-                for k, mode in [(7, 0), (3, 1), (9, 1)]:
-                    window.window_match_forward(xa, xb, sa, sb, mask, mask, k, mode)
-                indices = torch.zeros(2, H, W, dtype=torch.int64)
-                grad = torch.ones(2, H, W, dtype=sa.dtype)
+                for spatial, k, mode in [((9, 7), (7, 7), 0), ((9, 7), (3, 3), 1), ((9, 7), (9, 9), 1),
+                                         ((3, 3, 7), (3, 3, 3), 0), ((3, 3, 7), (2, 3, 4), 1)]:
+                    window.window_match_forward(xa, xb, sa, sb, mask, mask, spatial, k, mode)
+                indices = torch.zeros(2, N, dtype=torch.int64)
+                grad = torch.ones(2, N, dtype=sa.dtype)
                 for deterministic in (False, True):
                     torch.use_deterministic_algorithms(deterministic)
-                    backward.match_backward(grad, xa, xb, indices, True)
+                    backward.match_backward(grad, xa, xb, indices, True, torch.empty_like(xa), torch.empty_like(xb))
                 torch.use_deterministic_algorithms(False)
     # Every autotuning configuration of the large-map path, for the tensor-core dtype and float32
     # (float16 compiles as bfloat16 does), and for float32 with three TF32 products per tile.
-    # Pixel-major rows only: the ops hand the scans the rows of prepare_features.
-    for dtype, precision, layout in [(torch.bfloat16, "tf32x3", "pixel"), (torch.float32, "ieee", "pixel"),
-                                     (torch.float32, "tf32x3", "pixel")]:
-        saved = _runtime.FP32_PRECISION
+    # Voxel-major rows only: the ops hand the scans the rows of prepare_features.
+    for dtype, precision in [(torch.bfloat16, "tf32x3"), (torch.float32, "ieee"), (torch.float32, "tf32x3")]:
+        previous = sk.set_float32_precision(precision)
         try:
-            _runtime.FP32_PRECISION = precision
-            xa, xb, (sa, sb), mask = inputs(dtype, 64, 64, 128, layout)
+            xa, xb, (sa, sb), mask = inputs(dtype, 64 * 64, 128)
             dense.dense_match_forward(xa, xb, sa, sb, None, None)
             dense.dense_match_forward(xa, xb, sa, sb, mask, mask)
             dense.dense_match_symmetric_forward(xa, xb, sa, sb, mask, mask)
         finally:
-            _runtime.FP32_PRECISION = saved
+            sk.set_float32_precision(previous)
     return calls
 
 

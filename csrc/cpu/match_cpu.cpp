@@ -3,13 +3,12 @@
 #include "cpu/match_cpu.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Version.h>
 
 #include <algorithm>
 #include <string>
 #include <vector>
 
-#include "cpu/match_kernels.h"
+#include "cpu/kernels.h"
 
 namespace salign {
 namespace {
@@ -41,17 +40,26 @@ at::ScalarType accumulation_type(const at::Tensor& features) {
   return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-Features view_of(const at::Tensor& t) {
-  return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+// The spatial seam: (B, C, H, W) is (B, C, 1, H, W).
+Geometry geometry_of(const at::Tensor& t) {
+  if (t.dim() == 4) return {t.size(0), t.size(1), 1, t.size(2), t.size(3)};
+  return {t.size(0), t.size(1), t.size(2), t.size(3), t.size(4)};
 }
 
-FeatureGrad grad_view_of(at::Tensor& t) {
-  return {t.mutable_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+template <typename View, typename Ptr>
+View view_with(Ptr data, const at::Tensor& t) {
+  if (t.dim() == 4) return {data, t.stride(0), t.stride(1), 0, t.stride(2), t.stride(3)};
+  return {data, t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
 
-// Two (B, C, H, W) maps of one shape and floating dtype on the CPU, in any memory layout.
+Features view_of(const at::Tensor& t) { return view_with<Features>(t.const_data_ptr(), t); }
+
+FeatureGrad grad_view_of(at::Tensor& t) { return view_with<FeatureGrad>(t.mutable_data_ptr(), t); }
+
+// Two (B, C, *spatial) maps of one shape and floating dtype on the CPU, in any memory layout.
 void check_features(const at::Tensor& feat_a, const at::Tensor& feat_b) {
-  TORCH_CHECK_VALUE(feat_a.dim() == 4, "feat_a must be (B, C, H, W); got ", feat_a.dim(), " dimensions");
+  TORCH_CHECK_VALUE(feat_a.dim() == 4 || feat_a.dim() == 5, "feat_a must be (B, C, H, W) or (B, C, D, H, W); got ",
+                    feat_a.dim(), " dimensions");
   TORCH_CHECK_VALUE(feat_a.sizes() == feat_b.sizes(), "feat_a and feat_b must have the same shape; got ",
                     feat_a.sizes(), " and ", feat_b.sizes());
   TORCH_CHECK_TYPE(feat_a.scalar_type() == feat_b.scalar_type(), "feat_a and feat_b must have the same dtype; got ",
@@ -61,26 +69,39 @@ void check_features(const at::Tensor& feat_a, const at::Tensor& feat_b) {
   dtype_of(feat_a);
 }
 
-std::vector<int64_t> bhw_of(const at::Tensor& feat) {
-  return {feat.size(0), feat.size(2), feat.size(3)};
+// (B, *spatial): the shape of masks, values and indices.
+std::vector<int64_t> per_voxel_shape(const at::Tensor& feat) {
+  std::vector<int64_t> shape{feat.size(0)};
+  for (int64_t i = 2; i < feat.dim(); ++i) shape.push_back(feat.size(i));
+  return shape;
 }
 
-const bool* mask_pointer(const std::optional<at::Tensor>& mask, const char* name, at::IntArrayRef bhw,
+const bool* mask_pointer(const std::optional<at::Tensor>& mask, const char* name, at::IntArrayRef shape,
                          at::Tensor& keep) {
   if (!mask.has_value()) return nullptr;
   TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, name, " must be bool; got ", mask->scalar_type());
-  TORCH_CHECK_VALUE(mask->sizes() == bhw, name, " must have shape (B, H, W) = ", bhw, "; got ", mask->sizes());
+  TORCH_CHECK_VALUE(mask->sizes() == shape, name, " must have shape (B, *spatial) = ", shape, "; got ", mask->sizes());
   TORCH_CHECK_VALUE(mask->device().is_cpu(), name, " must be a CPU tensor");
   keep = mask->contiguous();
   return keep.const_data_ptr<bool>();
 }
 
-void check_window(int64_t window, int64_t mode, int64_t H, int64_t W) {
+// Empty for dense matching, else one size per spatial axis in [1, the largest spatial size], odd
+// when sliding; a 2D window gets depth 1.
+Window window_of(c10::IntArrayRef window, int64_t mode, const at::Tensor& feat) {
   TORCH_CHECK_VALUE(mode == 0 || mode == 1, "mode must be 0 (sliding) or 1 (partition); got ", mode);
-  TORCH_CHECK_VALUE(window >= 0 && window <= std::max(H, W),
-                    "window must be 0 (dense) or in [1, max(H, W) = ", std::max(H, W), "]; got ", window);
-  TORCH_CHECK_VALUE(window == 0 || mode == 1 || window % 2 == 1,
-                    "window must be odd in sliding mode; got ", window);
+  if (window.empty()) return {0, 0, 0};
+  const int64_t spatial = feat.dim() - 2;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(window.size()) == spatial, "window must have one size per spatial axis (",
+                    spatial, "); got ", window);
+  int64_t largest = 0;
+  for (int64_t i = 2; i < feat.dim(); ++i) largest = std::max(largest, feat.size(i));
+  for (const int64_t k : window) {
+    TORCH_CHECK_VALUE(k >= 1 && k <= largest, "window sizes must lie in [1, ", largest, "]; got ", window);
+    TORCH_CHECK_VALUE(mode == 1 || k % 2 == 1, "window sizes must be odd in sliding mode; got ", window);
+  }
+  if (spatial == 2) return {1, window[0], window[1]};
+  return {window[0], window[1], window[2]};
 }
 
 struct Prepared {
@@ -89,20 +110,18 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& feat_a, const at::Tensor& feat_b, const std::optional<at::Tensor>& mask_a,
-                 const std::optional<at::Tensor>& mask_b, int64_t window, int64_t mode, bool normalize) {
+                 const std::optional<at::Tensor>& mask_b, c10::IntArrayRef window, int64_t mode, bool normalize) {
   check_features(feat_a, feat_b);
-  const int64_t B = feat_a.size(0), C = feat_a.size(1), H = feat_a.size(2), W = feat_a.size(3);
-  check_window(window, mode, H, W);
-  const auto bhw = bhw_of(feat_a);
+  const auto shape = per_voxel_shape(feat_a);
   Prepared p;
   p.args = MatchArgs{dtype_of(feat_a),
-                     B, C, H, W,
+                     geometry_of(feat_a),
                      view_of(feat_a),
                      view_of(feat_b),
                      normalize,
-                     mask_pointer(mask_a, "mask_a", bhw, p.mask_a),
-                     mask_pointer(mask_b, "mask_b", bhw, p.mask_b),
-                     window,
+                     mask_pointer(mask_a, "mask_a", shape, p.mask_a),
+                     mask_pointer(mask_b, "mask_b", shape, p.mask_b),
+                     window_of(window, mode, feat_a),
                      static_cast<WindowMode>(mode),
                      nullptr, nullptr, nullptr, nullptr};
   return p;
@@ -112,12 +131,12 @@ Prepared prepare(const at::Tensor& feat_a, const at::Tensor& feat_b, const std::
 
 std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& feat_a, const at::Tensor& feat_b,
                                              const std::optional<at::Tensor>& mask_a,
-                                             const std::optional<at::Tensor>& mask_b, int64_t window, int64_t mode,
-                                             bool normalize) {
+                                             const std::optional<at::Tensor>& mask_b, c10::IntArrayRef window,
+                                             int64_t mode, bool normalize) {
   Prepared p = prepare(feat_a, feat_b, mask_a, mask_b, window, mode, normalize);
-  const auto bhw = bhw_of(feat_a);
-  auto values = at::empty(bhw, feat_a.options().dtype(accumulation_type(feat_a)));
-  auto indices = at::empty(bhw, feat_a.options().dtype(at::kLong));
+  const auto shape = per_voxel_shape(feat_a);
+  auto values = at::empty(shape, feat_a.options().dtype(accumulation_type(feat_a)));
+  auto indices = at::empty(shape, feat_a.options().dtype(at::kLong));
   p.args.values_ab = values.mutable_data_ptr();
   p.args.indices_ab = indices.mutable_data_ptr<int64_t>();
   kernel_table().forward(p.args);
@@ -126,14 +145,14 @@ std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& feat_a, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_symmetric_cpu(
     const at::Tensor& feat_a, const at::Tensor& feat_b, const std::optional<at::Tensor>& mask_a,
-    const std::optional<at::Tensor>& mask_b, int64_t window, int64_t mode, bool normalize) {
-  TORCH_CHECK_VALUE(window == 0, "match_symmetric fuses dense matching only (window = 0); got window ", window);
+    const std::optional<at::Tensor>& mask_b, c10::IntArrayRef window, int64_t mode, bool normalize) {
+  TORCH_CHECK_VALUE(window.empty(), "match_symmetric fuses dense matching only (window = []); got window ", window);
   Prepared p = prepare(feat_a, feat_b, mask_a, mask_b, window, mode, normalize);
-  const auto bhw = bhw_of(feat_a);
+  const auto shape = per_voxel_shape(feat_a);
   const auto value_options = feat_a.options().dtype(accumulation_type(feat_a));
-  auto values_ab = at::empty(bhw, value_options), values_ba = at::empty(bhw, value_options);
-  auto indices_ab = at::empty(bhw, feat_a.options().dtype(at::kLong));
-  auto indices_ba = at::empty(bhw, feat_a.options().dtype(at::kLong));
+  auto values_ab = at::empty(shape, value_options), values_ba = at::empty(shape, value_options);
+  auto indices_ab = at::empty(shape, feat_a.options().dtype(at::kLong));
+  auto indices_ba = at::empty(shape, feat_a.options().dtype(at::kLong));
   p.args.values_ab = values_ab.mutable_data_ptr();
   p.args.indices_ab = indices_ab.mutable_data_ptr<int64_t>();
   p.args.values_ba = values_ba.mutable_data_ptr();
@@ -146,24 +165,26 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
                                                       const at::Tensor& feat_b, const at::Tensor& indices,
                                                       bool normalize) {
   check_features(feat_a, feat_b);
-  const int64_t B = feat_a.size(0), C = feat_a.size(1), H = feat_a.size(2), W = feat_a.size(3);
-  const auto bhw = bhw_of(feat_a);
-  TORCH_CHECK_VALUE(grad_values.sizes() == at::IntArrayRef(bhw), "grad_values must have shape ", bhw, "; got ", grad_values.sizes());
+  const auto shape = per_voxel_shape(feat_a);
+  TORCH_CHECK_VALUE(grad_values.sizes() == at::IntArrayRef(shape), "grad_values must have shape ", shape, "; got ",
+                    grad_values.sizes());
   TORCH_CHECK_TYPE(grad_values.scalar_type() == accumulation_type(feat_a), "grad_values must be ",
                    accumulation_type(feat_a), "; got ", grad_values.scalar_type());
-  TORCH_CHECK_VALUE(indices.sizes() == at::IntArrayRef(bhw), "indices must have shape ", bhw, "; got ", indices.sizes());
+  TORCH_CHECK_VALUE(indices.sizes() == at::IntArrayRef(shape), "indices must have shape ", shape, "; got ",
+                    indices.sizes());
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be int64; got ", indices.scalar_type());
-  const auto n = H * W;
+  const Geometry geo = geometry_of(feat_a);
+  const int64_t n = geo.voxels();
   const auto idx = indices.contiguous();
   const int64_t* raw = idx.const_data_ptr<int64_t>();
   const bool in_range = std::all_of(raw, raw + idx.numel(), [n](int64_t q) { return q >= -1 && q < n; });
-  TORCH_CHECK_VALUE(in_range, "indices must lie in [-1, H * W = ", n, ")");
+  TORCH_CHECK_VALUE(in_range, "indices must lie in [-1, N = ", n, ")");
   const auto g = grad_values.contiguous();
   // Gradients in the layout of their features (channels-last stays channels-last, NCHW stays NCHW).
   auto grad_a = at::empty_like(feat_a, at::MemoryFormat::Preserve);
   auto grad_b = at::empty_like(feat_b, at::MemoryFormat::Preserve);
   const BackwardArgs args{dtype_of(feat_a),
-                          B, C, H, W,
+                          geo,
                           view_of(feat_a),
                           view_of(feat_b),
                           normalize,

@@ -1,9 +1,9 @@
 """The Triton backend: fused matching kernels for CUDA tensors (CPU tensors through the interpreter).
 
-A backend module of :mod:`salign_kernels._backend`: ``name``, ``status()``, ``supports(device)``,
-``match(...)`` and ``match_symmetric(...)``. The kernels live one op per file: :mod:`.dense` (the
-streaming (max, argmax) over all candidates), :mod:`.window` (sliding and partition windows), :mod:`.backward` (gather/scatter
-through the saved indices); :mod:`.library` registers them as the ``torch.ops.salign_triton`` ops.
+A backend module of :mod:`salign_kernels._backend`. The kernels live one op per file: :mod:`.dense`
+(the streaming (max, argmax) over all candidates), :mod:`.window` (sliding and partition windows,
+2D and 3D), :mod:`.backward` (gather/scatter through the saved indices); :mod:`.library` registers
+them as the CUDA implementations of the op family ``torch.ops.salign_kernels.*``.
 
 Importing this package never fails: without Triton, ``status()`` says why and ``match`` raises.
 CPU tensors run through Triton's interpreter only when ``TRITON_INTERPRET=1`` was set before the
@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from ..._backend import BackendStatus
-from .._common import op_arguments
+from ..._matching import Matching
+from .._library import call_match, call_match_symmetric
 
 name = "triton"
 
@@ -28,6 +29,10 @@ except Exception as exc:  # Triton missing or broken: the backend is unavailable
     _IMPORT_ERROR: Optional[BaseException] = exc
 else:
     _IMPORT_ERROR = None
+
+#: The fused symmetric pass keeps per-row-block column partials; above this many bytes of them,
+#: the two directions run as two one-way passes instead.
+FUSED_SYMMETRIC_MAX_BYTES = 2**30
 
 
 def interpreted() -> bool:
@@ -57,42 +62,31 @@ def supports(device) -> bool:
     return device.type == "cpu" and interpreted()
 
 
-def match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
-    """Matching of :func:`salign_kernels.reference.match` by the Triton kernels; differentiable values.
+def unsupported(feat_a: torch.Tensor, matching: Matching) -> Optional[str]:
+    return None
 
-    ``(B, C, H, W)`` features in -> ``(values, indices)`` ``(B, H, W)``: values float32 (float64
-    for float64), indices int64 (-1 for an invalid query). See :mod:`.library` for the op.
-    """
+
+def _family(feat: torch.Tensor):
     if _library is None:
         raise RuntimeError(status().reason)
-    return torch.ops.salign_triton.match_forward(
-        *op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
-    )
+    return _library.family_for(feat.device)
 
 
-#: The fused symmetric pass keeps per-row-block column partials; above this many bytes of them,
-#: the two directions run as two one-way passes instead.
-FUSED_SYMMETRIC_MAX_BYTES = 2**30
+def match(feat_a, feat_b, matching: Matching):
+    """Matching of :func:`salign_kernels.reference.match` by the Triton kernels; differentiable values."""
+    return call_match(_family(feat_a), feat_a, feat_b, matching)
 
 
-def match_symmetric(feat_a, feat_b, window, mode, mask_a, mask_b, normalize):
-    """Both directions, ``[(values_ab, indices_ab), (values_ba, indices_ba)]``.
+def fuses_symmetric(feat_a: torch.Tensor, matching: Matching) -> bool:
+    """Dense matching takes both directions from one pass over the similarity tiles (the b -> a
+    maxima are column maxima of the same tiles) while its partials stay under
+    :data:`FUSED_SYMMETRIC_MAX_BYTES`; windowed matching, and larger problems, run two passes."""
+    if not matching.dense or _library is None:
+        return False
+    partials = _library.symmetric_partial_bytes(feat_a.shape[0], matching.num_voxels, feat_a.dtype)
+    return partials <= FUSED_SYMMETRIC_MAX_BYTES
 
-    Dense matching takes both from one pass over the similarity tiles (the b -> a maxima are
-    column maxima of the same tiles) while its partials stay under
-    :data:`FUSED_SYMMETRIC_MAX_BYTES`; windowed matching, and larger problems, run two passes.
-    """
-    if _library is None:
-        raise RuntimeError(status().reason)
-    B, _, H, W = feat_a.shape
-    fused = window is None and (
-        _library.symmetric_partial_bytes(B, H * W, feat_a.dtype) <= FUSED_SYMMETRIC_MAX_BYTES
-    )
-    if not fused:
-        return [
-            match(feat_a, feat_b, window, mode, mask_a, mask_b, normalize),
-            match(feat_b, feat_a, window, mode, mask_b, mask_a, normalize),
-        ]
-    xa, xb, ma, mb, _, _, normalize = op_arguments(feat_a, feat_b, window, mode, mask_a, mask_b, normalize)
-    values_ab, indices_ab, values_ba, indices_ba = torch.ops.salign_triton.match_symmetric_forward(xa, xb, ma, mb, normalize)
-    return [(values_ab, indices_ab), (values_ba, indices_ba)]
+
+def match_symmetric(feat_a, feat_b, matching: Matching):
+    """Both directions, ``[(values_ab, indices_ab), (values_ba, indices_ba)]``, from one pass."""
+    return call_match_symmetric(_family(feat_a), feat_a, feat_b, matching)

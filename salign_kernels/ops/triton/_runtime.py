@@ -1,4 +1,5 @@
-"""What every Triton launcher of this package shares: interpreter detection, dtype flags, checks.
+"""What every Triton launcher of this package shares: interpreter detection, dtype flags, the op
+contract's checks, the voxel-major view of a map, the device guard.
 
 The kernels run compiled on CUDA tensors, or through Triton's interpreter on CPU tensors when the
 environment variable ``TRITON_INTERPRET=1`` was set before this package was imported (Triton reads
@@ -8,16 +9,21 @@ kernel source with numpy, slowly.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Optional
 
 import torch
 import triton
 
-from ..._dtypes import SUPPORTED_DTYPES, accumulation_dtype
-from .._common import WINDOW_MODES, pixel_strides
+from ..._config import get_float32_precision
+from ..._matching import WINDOW_MODE_CODES
+from ..._numerics import SUPPORTED_DTYPES, accumulation_dtype
 
-#: Pixels per map must stay below this: the kernels keep pixel indices in int32 with a flag bit.
-MAX_PIXELS = 2**30
+#: Voxels per map must stay below this: the kernels keep voxel indices in int32 with a flag bit.
+MAX_VOXELS = 2**30
+#: CUDA's limit on grid dimensions y and z; the launchers put the batch (and depth) there.
+MAX_GRID_YZ = 65535
 
 
 def is_interpreted(kernel) -> bool:
@@ -33,14 +39,6 @@ def next_power_of_2(n: int) -> int:
     return int(triton.next_power_of_2(max(int(n), 1)))
 
 
-#: ``tl.dot``'s input precision for float32 features when TF32 is not allowed: ``"tf32x3"`` (each
-#: operand split into a TF32 head and tail, three tensor-core products per tile: the error of
-#: float32 arithmetic, measured on an H200 3x faster than ``"ieee"``) or ``"ieee"`` (true float32
-#: products on the CUDA cores, slower than cuBLAS's float32 matrix product).
-FP32_PRECISION = "tf32x3"
-FP32_PRECISIONS = ("ieee", "tf32x3")
-
-
 def feature_flags(dtype: torch.dtype, device: torch.device, interpreted: bool) -> dict:
     """Compile-time flags of the kernels for features of ``dtype`` on ``device``.
 
@@ -48,48 +46,70 @@ def feature_flags(dtype: torch.dtype, device: torch.device, interpreted: bool) -
     - ``UPCAST``: cast half operands to float32 before ``tl.dot``. Only under the interpreter for
       bfloat16, whose ``tl.dot`` it computes wrongly (float16 and float32 are right there); compiled
       kernels feed bfloat16 to the tensor cores as it is.
-    - ``PRECISION``: ``tl.dot``'s ``input_precision``. It matters for float32 operands only:
-      :data:`FP32_PRECISION` (``"ieee"``: true float32 products) unless
-      ``torch.backends.cuda.matmul.allow_tf32`` allows TF32 on a CUDA device. Half operands go to
-      the tensor cores as they are whatever it says, so they keep Triton's default.
+    - ``PRECISION``: ``tl.dot``'s ``input_precision``, which matters for float32 operands only:
+      :func:`salign_kernels.set_float32_precision`'s choice (``"auto"``: ``"tf32"`` when
+      ``torch.backends.cuda.matmul.allow_tf32`` is set on a CUDA device, else ``"tf32x3"``). Half
+      operands go to the tensor cores as they are whatever it says, so they keep Triton's default.
     """
-    if FP32_PRECISION not in FP32_PRECISIONS:
-        raise ValueError(f"FP32_PRECISION must be one of {FP32_PRECISIONS}; got {FP32_PRECISION!r}")
     fp32_operands = dtype == torch.float32 or (interpreted and dtype == torch.bfloat16)
-    allow_tf32 = device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+    precision = get_float32_precision()
+    if precision == "auto":
+        allow_tf32 = device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+        precision = "tf32" if allow_tf32 else "tf32x3"
     return dict(
         IS_F64=dtype == torch.float64,
         UPCAST=interpreted and dtype == torch.bfloat16,
-        PRECISION=FP32_PRECISION if fp32_operands and not allow_tf32 else "tf32",
+        PRECISION=precision if fp32_operands else "tf32",
     )
 
 
 def mask_pointer(mask: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
-    """A bool mask as bytes for the kernel; ``fallback`` stands in (never read) when there is none."""
-    return fallback if mask is None else mask.view(torch.uint8)
+    """A bool mask as contiguous bytes for the kernel; ``fallback`` stands in (never read) when
+    there is none."""
+    return fallback if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def device_of(t: torch.Tensor):
+    """A context that makes ``t``'s CUDA device current (a launch goes to the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def voxel_major(feat: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial) -> (B, N, C)``: a view when the spatial axes flatten to one (contiguous
+    and channels-last maps, the usual cases), else a copy. Differentiable.
+
+    The kernels address channel ``c`` of voxel ``p`` of sample ``b`` at ``b * s0 + p * s1 + c * s2``:
+    the view of a contiguous map has ``s1 == 1``, of a channels-last one ``s2 == 1``.
+    """
+    B, C = feat.shape[:2]
+    order = (0, *range(2, feat.dim()), 1)
+    return feat.permute(order).reshape(B, -1, C)
+
+
+def is_view_of(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``view`` shares ``base``'s memory (no copy was made)."""
+    return view.data_ptr() == base.data_ptr() or base.numel() == 0
 
 
 def _fail(kind, message: str):
-    raise kind(f"salign_triton: {message}")
+    raise kind(f"salign_kernels (triton): {message}")
 
 
-def check_features(name: str, x, like: Optional[torch.Tensor] = None) -> None:
-    """A pixel-major ``(B, H, W, C)`` tensor of a supported dtype (same as ``like``) whose H and W
-    axes flatten (:func:`pixel_strides`)."""
+def _check_map(name: str, x, like: Optional[torch.Tensor] = None) -> None:
     if not isinstance(x, torch.Tensor):
         _fail(TypeError, f"{name} must be a tensor; got {type(x).__name__}")
-    if x.dim() != 4:
-        _fail(ValueError, f"{name} must be pixel-major (B, H, W, C); got shape {tuple(x.shape)}")
+    if x.dim() not in (4, 5):
+        _fail(ValueError, f"{name} must be (B, C, H, W) or (B, C, D, H, W); got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         _fail(TypeError, f"{name} must be one of {SUPPORTED_DTYPES}; got {x.dtype}")
     if x.numel() == 0:
         _fail(ValueError, f"{name} must not be empty; got shape {tuple(x.shape)}")
-    if pixel_strides(x) is None:
-        _fail(ValueError, f"{name} must have H and W axes that flatten to one (stride(1) == W * stride(2)); "
-                          f"got strides {x.stride()}")
-    if x.shape[1] * x.shape[2] >= MAX_PIXELS:
-        pixels = x.shape[1] * x.shape[2]
-        _fail(ValueError, f"{name} has H * W = {pixels} pixels; at most {MAX_PIXELS - 1} are supported")
+    if x.shape[0] > MAX_GRID_YZ:
+        _fail(ValueError, f"{name} has a batch of {x.shape[0]} maps; at most {MAX_GRID_YZ} per call (CUDA's grid "
+                          "limit): split the batch")
+    voxels = math.prod(x.shape[2:])
+    if voxels >= MAX_VOXELS:
+        _fail(ValueError, f"{name} has N = {voxels} voxels; at most {MAX_VOXELS - 1} are supported")
     if like is not None:
         if x.shape != like.shape:
             _fail(ValueError, f"{name} must have shape {tuple(like.shape)}; got {tuple(x.shape)}")
@@ -99,42 +119,41 @@ def check_features(name: str, x, like: Optional[torch.Tensor] = None) -> None:
             _fail(ValueError, f"{name} must be on {like.device}; got {x.device}")
 
 
-def check_pixel_tensor(name: str, t, xa: torch.Tensor, dtype: Optional[torch.dtype]) -> None:
-    """A contiguous ``(B, H, W)`` tensor on ``xa``'s device, of ``dtype`` (any dtype when None)."""
+def _check_per_voxel(name: str, t, feat: torch.Tensor, dtype: Optional[torch.dtype]) -> None:
+    """A ``(B, *spatial)`` tensor on ``feat``'s device, of ``dtype``."""
     if not isinstance(t, torch.Tensor):
         _fail(TypeError, f"{name} must be a tensor; got {type(t).__name__}")
-    if tuple(t.shape) != tuple(xa.shape[:3]):
-        _fail(ValueError, f"{name} must have shape (B, H, W) = {tuple(xa.shape[:3])}; got {tuple(t.shape)}")
+    expected = (feat.shape[0], *feat.shape[2:])
+    if tuple(t.shape) != expected:
+        _fail(ValueError, f"{name} must have shape (B, *spatial) = {expected}; got {tuple(t.shape)}")
     if dtype is not None and t.dtype != dtype:
         _fail(TypeError, f"{name} must have dtype {dtype}; got {t.dtype}")
-    if t.device != xa.device:
-        _fail(ValueError, f"{name} must be on {xa.device}; got {t.device}")
-    if not t.is_contiguous():
-        _fail(ValueError, f"{name} must be contiguous; got strides {t.stride()}")
+    if t.device != feat.device:
+        _fail(ValueError, f"{name} must be on {feat.device}; got {t.device}")
 
 
-def check_forward(xa, xb, mask_a, mask_b, window: int, mode: int) -> None:
-    """The forward op's contract (see ``salign_kernels.ops._common``); raises, never asserts."""
-    check_features("xa", xa)
-    check_features("xb", xb, like=xa)
+def check_forward(feat_a, feat_b, mask_a, mask_b, window, mode: int) -> None:
+    """The forward ops' contract (see ``salign_kernels.ops._library``); raises, never asserts."""
+    _check_map("feat_a", feat_a)
+    _check_map("feat_b", feat_b, like=feat_a)
     for name, mask in (("mask_a", mask_a), ("mask_b", mask_b)):
         if mask is not None:
-            check_pixel_tensor(name, mask, xa, torch.bool)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        _fail(ValueError, f"window must be an int >= 0 (0 for dense matching); got {window!r}")
-    if mode not in WINDOW_MODES.values():
-        allowed = sorted(WINDOW_MODES.values())
-        _fail(ValueError, f"mode must be one of {allowed} ({WINDOW_MODES}); got {mode!r}")
-    _, H, W, _ = xa.shape
-    if window > max(H, W):
-        _fail(ValueError, f"window must be at most max(H, W) = {max(H, W)}; got {window}")
-    if window and mode == WINDOW_MODES["sliding"] and window % 2 == 0:
-        _fail(ValueError, f"a sliding window must be odd; got {window}")
+            _check_per_voxel(name, mask, feat_a, torch.bool)
+    if mode not in WINDOW_MODE_CODES.values():
+        _fail(ValueError, f"mode must be one of {WINDOW_MODE_CODES}; got {mode!r}")
+    spatial = tuple(feat_a.shape[2:])
+    if len(window) not in (0, len(spatial)):
+        _fail(ValueError, f"window must be [] (dense) or one size per spatial axis ({len(spatial)}); got {window!r}")
+    for k in window:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(spatial):
+            _fail(ValueError, f"window sizes must be ints in [1, max(spatial) = {max(spatial)}]; got {window!r}")
+        if mode == WINDOW_MODE_CODES["sliding"] and k % 2 == 0:
+            _fail(ValueError, f"sliding window sizes must be odd; got {window!r}")
 
 
-def check_backward(grad_values, xa, xb, indices) -> None:
+def check_backward(grad_values, feat_a, feat_b, indices) -> None:
     """The backward op's contract; raises, never asserts."""
-    check_features("xa", xa)
-    check_features("xb", xb, like=xa)
-    check_pixel_tensor("grad_values", grad_values, xa, accumulation_dtype(xa.dtype))
-    check_pixel_tensor("indices", indices, xa, torch.int64)
+    _check_map("feat_a", feat_a)
+    _check_map("feat_b", feat_b, like=feat_a)
+    _check_per_voxel("grad_values", grad_values, feat_a, accumulation_dtype(feat_a.dtype))
+    _check_per_voxel("indices", indices, feat_a, torch.int64)

@@ -3,7 +3,7 @@
 Kernels -> launcher. The forward pass saved, per query p, the index q = indices[p] of its best
 candidate; the gradient touches only those pairs, O(B N C) work and memory instead of the
 O(B N^2 C) of differentiating the similarity matrix. The normalisation's own gradient is applied
-here too (see ``salign_kernels.ops._common``), so the features' gradients leave these kernels final,
+here too (see ``salign_kernels.ops._library``), so the features' gradients leave these kernels final,
 in the features' dtype and strides.
 
 - The gather kernel (one program per ``BLOCK_P`` queries) writes ``grad_xa`` and, on the fast
@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import gradient_like, pixel_strides
 from ._runtime import is_interpreted, next_power_of_2
 from .prepare import prepare_features
 
@@ -183,34 +182,29 @@ def inverse_index(indices: torch.Tensor):
     ``order`` lists flat query indices sorted stably by target, and the queries that chose target
     ``t`` are ``order[segments[t]:segments[t + 1]]``, in increasing order. No host synchronisation.
     """
-    B, H, W = indices.shape
-    N = H * W
-    flat = indices.reshape(B, N)
+    B, N = indices.shape
     offsets = torch.arange(B, device=indices.device, dtype=torch.int64)[:, None] * N
-    keys = torch.where((flat >= 0) & (flat < N), flat + offsets, B * N).reshape(-1)
+    keys = torch.where((indices >= 0) & (indices < N), indices + offsets, B * N).reshape(-1)
     sorted_keys, order = torch.sort(keys, stable=True)
     targets = torch.arange(B * N + 1, device=indices.device, dtype=torch.int64)
     segments = torch.searchsorted(sorted_keys, targets)
     return order.contiguous(), segments.contiguous()
 
 
-def match_backward(grad_values, xa, xb, indices, normalize: bool):
-    """Launch the backward kernels: ``(grad_xa, grad_xb)``, normalisation included.
+def match_backward(grad_values, xa, xb, indices, normalize: bool, grad_xa, grad_xb) -> None:
+    """Launch the backward kernels, writing ``grad_xa`` and ``grad_xb``, normalisation included.
 
-    Shapes: ``grad_values``, ``indices`` (B, H, W) contiguous; ``xa``, ``xb`` (B, H, W, C) with
-    flattening H and W axes (``pixel_strides``). The gradients come back in the features' dtype
-    and strides.
+    Shapes: ``grad_values``, ``indices`` (B, N) contiguous; ``xa``, ``xb`` and the gradients
+    voxel-major (B, N, C) through their strides, the gradients in the features' dtype.
     """
-    B, H, W, C = xa.shape
-    N = H * W
+    B, N, C = xa.shape
     acc_dtype = grad_values.dtype
     is_f64 = xa.dtype == torch.float64
     atomic = not torch.are_deterministic_algorithms_enabled()
-    # Scales and their derivatives, and the rows read at scattered pixels: xb's by the gather,
+    # Scales and their derivatives, and the rows read at scattered voxels: xb's by the gather,
     # xa's by the deterministic scatter (the gather reads xa's own rows in order, in any layout).
     xa_rows, scale_a, curv_a = prepare_features(xa, normalize, rows=not atomic)
     xb_rows, scale_b, curv_b = prepare_features(xb, normalize, rows=True)
-    grad_xa, grad_xb = gradient_like(xa), gradient_like(xb)
     if atomic:
         acc_b = torch.zeros((B, N, C), dtype=acc_dtype, device=xb.device)
         sum_b = torch.zeros((B, N), dtype=acc_dtype, device=xb.device)
@@ -225,7 +219,7 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool):
     _match_bwd_gather_kernel[(triton.cdiv(N, BLOCK_P), B)](
         grad_values, xa, xb_rows, scale_a, scale_b, curv_a, indices,
         grad_xa, acc_b, sum_b, coef, coef_s,
-        N, C, *pixel_strides(xa), *pixel_strides(xb_rows), *pixel_strides(grad_xa),
+        N, C, *xa.stride(), *xb_rows.stride(), *grad_xa.stride(),
         ATOMIC=atomic, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, SINGLE_C=C <= BLOCK_C, IS_F64=is_f64,
         num_warps=4,
     )
@@ -233,14 +227,13 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool):
         order, segments = inverse_index(indices)
         _match_bwd_scatter_sorted_kernel[(B * N,)](
             xa_rows, order, segments, coef, coef_s, acc_b, sum_b,
-            N, C, *pixel_strides(xa_rows),
+            N, C, *xa_rows.stride(),
             BLOCK_C=BLOCK_C, IS_F64=is_f64,
             num_warps=1 if BLOCK_C <= 64 else 2,
         )
     _match_bwd_finish_kernel[(triton.cdiv(N, BLOCK_P), B)](
         acc_b, sum_b, xb, curv_b, grad_xb,
-        N, C, *pixel_strides(xb), *pixel_strides(grad_xb),
+        N, C, *xb.stride(), *grad_xb.stride(),
         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, IS_F64=is_f64,
         num_warps=4,
     )
-    return grad_xa, grad_xb

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._argmax import NO_HIT, block_argmax, fold_best
-from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2, pixel_strides
+from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
 
 
 @triton.jit
@@ -297,12 +297,11 @@ def fixed_blocks(N: int, is_f64: bool, interpreted: bool):
 def _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices, part_val, part_idx,
                       flags, symmetric: bool):
     """The dense kernel's positional arguments and compile-time constants, block sizes aside."""
-    C = xa.shape[3]
-    N = xa.shape[1] * xa.shape[2]
+    _, N, C = xa.shape
     BLOCK_K = block_k(C, flags["IS_F64"])
     args = (
         xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
-        values, indices, part_val, part_idx, N, C, *pixel_strides(xa), *pixel_strides(xb), shape_class(N),
+        values, indices, part_val, part_idx, N, C, *xa.stride(), *xb.stride(), shape_class(N),
     )
     constants = dict(
         HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None, SYMMETRIC=symmetric,
@@ -312,18 +311,17 @@ def _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices,
 
 
 def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
-    """Launch the dense kernel. Arguments as the op contract; returns ``(values, indices)`` (B, H, W).
+    """Launch the dense kernel; returns ``(values, indices)``, each (B, N).
 
-    Shapes: ``xa``, ``xb`` (B, H, W, C) whose H and W flatten (:func:`pixel_strides`), best with
-    the channels innermost (K-major ``tl.dot`` operands: the op passes the rows of
-    :func:`.prepare.prepare_features`); scales (B, H, W) float32 (float64 for float64); masks None
-    or bool (B, H, W). The caller (the op) has checked the contract.
+    Shapes: ``xa``, ``xb`` voxel-major (B, N, C), best with the channels innermost (K-major
+    ``tl.dot`` operands: the op passes the rows of :func:`.prepare.prepare_features`); scales (B, N)
+    float32 (float64 for float64); masks None or bool with B * N elements. The caller (the op) has
+    checked the contract.
     """
-    B, H, W, C = xa.shape
-    N = H * W
+    B, N, C = xa.shape
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
-    values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
-    indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
+    values = torch.empty((B, N), dtype=scale_a.dtype, device=xa.device)
+    indices = torch.empty((B, N), dtype=torch.int64, device=xa.device)
     # The partials are not written on the one-way path: values and indices stand in for them.
     args, constants = _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices,
                                         values, indices, flags, symmetric=False)
@@ -359,11 +357,10 @@ def dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     from per-tile column maxima, reduced across the row blocks by ``_column_reduce_kernel``.
     Extra memory: the partials, ``B * cdiv(N, BLOCK_M) * N`` values and indices.
     """
-    B, H, W, C = xa.shape
-    N = H * W
+    B, N, C = xa.shape
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
-    values = torch.empty((B, H, W), dtype=scale_a.dtype, device=xa.device)
-    indices = torch.empty((B, H, W), dtype=torch.int64, device=xa.device)
+    values = torch.empty((B, N), dtype=scale_a.dtype, device=xa.device)
+    indices = torch.empty((B, N), dtype=torch.int64, device=xa.device)
     values_ba = torch.empty_like(values)
     indices_ba = torch.empty_like(indices)
     BLOCK_M = symmetric_block_m(N, xa.dtype, INTERPRETED)

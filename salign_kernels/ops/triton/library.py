@@ -1,129 +1,103 @@
-"""The Triton kernels as PyTorch ops: ``torch.ops.salign_triton.*``.
+"""The Triton kernels as the implementations of the op family of :mod:`salign_kernels.ops._library`.
 
-All three are ``torch.library`` custom ops with fake (shape-only) implementations, so ``torch.compile``
-traces a training step through them without a graph break, and the forward is differentiable
-through the backward op (``register_match_autograd``, ``register_symmetric_autograd``). They
-implement the pixel-major op contract of :mod:`salign_kernels.ops._common`:
-
-``match_forward(xa, xb, mask_a, mask_b, window, mode, normalize) -> (values, indices)``
-    ``s(p, q) = scale_a[p] * scale_b[q] * <xa_p, xb_q>``; ``values[p] = max`` over the candidates,
-    ``indices[p]`` the lowest q attaining it, ``-1`` / ``0`` for an invalid query.
-``match_symmetric_forward(xa, xb, mask_a, mask_b, normalize)``
-``-> (values_ab, indices_ab, values_ba, indices_ba)``
-    Dense matching in both directions from one pass over the similarity tiles (b -> a: queries in
-    b, candidates in a, masks swapped).
-``match_backward(grad_values, xa, xb, indices, normalize) -> (grad_xa, grad_xb)``
-    The gather/scatter through ``indices``, the normalisation's gradient included.
-
-Shapes: ``xa``, ``xb`` (B, H, W, C) in their own dtype, H and W flattening to one axis (e.g. the
-pixel-major view of a contiguous (B, C, H, W) tensor); masks, values, indices (B, H, W). The ops
-run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+They are registered for CUDA tensors under ``torch.ops.salign_kernels``, and, when the kernels run
+in Triton's interpreter, for CPU tensors under the twin family ``torch.ops.salign_kernels_interpreter``
+(the C++ kernels own the CPU tensors of the main family). Each implementation checks the op
+contract, makes the tensors' device current, prepares each map once (scales, their derivative and
+contiguous voxel-major rows: :mod:`.prepare`) and launches :mod:`.dense`, :mod:`.window` or
+:mod:`.backward`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from .._common import (
-    WINDOW_MODES,
-    backward_shapes,
-    register_match_autograd,
-    register_symmetric_autograd,
-    shape_values,
-)
+from .._library import INTERPRETER_NAMESPACE, op_family, register_kernels
 from . import backward as _backward
 from . import dense as _dense
 from . import window as _window
-from ._runtime import check_backward, check_forward
+from ._runtime import check_backward, check_forward, device_of, is_view_of, voxel_major
 from .prepare import prepare_features
-
-NAMESPACE = "salign_triton"
 
 #: Whether the kernels run in Triton's interpreter (CPU tensors) rather than compiled for a GPU.
 INTERPRETED = _dense.INTERPRETED
 symmetric_partial_bytes = _dense.symmetric_partial_bytes
 
 
-def _check_device(xa: torch.Tensor) -> None:
-    if xa.device.type == "cuda" or (INTERPRETED and xa.device.type == "cpu"):
-        return
-    hint = "" if INTERPRETED else " (CPU tensors need TRITON_INTERPRET=1 before salign_kernels is imported)"
-    raise ValueError(f"{NAMESPACE}: the Triton kernels do not run on {xa.device.type} tensors{hint}")
+def _rows_and_scales(feat: torch.Tensor, normalize: bool):
+    """A map's contiguous voxel-major rows ``(B, N, C)`` and scales ``(B, N)``: one pass."""
+    rows, scale, _ = prepare_features(voxel_major(feat), normalize, rows=True)
+    return rows, scale
 
 
-def _checked_rows_and_scales(xa, xb, mask_a, mask_b, window, mode, normalize):
-    """A forward op's inputs checked, then each map's pixel-major rows and scales (one pass each)."""
-    check_forward(xa, xb, mask_a, mask_b, window, mode)
-    _check_device(xa)
-    xa, scale_a, _ = prepare_features(xa, normalize, rows=True)
-    xb, scale_b, _ = prepare_features(xb, normalize, rows=True)
-    return xa, xb, scale_a, scale_b
+def _per_voxel(t: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+    return t.view(feat.shape[0], *feat.shape[2:])
 
 
-@torch.library.custom_op(f"{NAMESPACE}::match_forward", mutates_args=())
-def match_forward(
-    xa: torch.Tensor,
-    xb: torch.Tensor,
-    mask_a: Optional[torch.Tensor],
-    mask_b: Optional[torch.Tensor],
-    window: int,
-    mode: int,
-    normalize: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Best candidate of every query: dense (``window == 0``) or windowed. See the module docstring."""
-    xa, xb, scale_a, scale_b = _checked_rows_and_scales(xa, xb, mask_a, mask_b, window, mode, normalize)
-    if window == 0:
-        return _dense.dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
-    return _window.window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, window, mode)
+def match(feat_a, feat_b, mask_a: Optional[torch.Tensor], mask_b: Optional[torch.Tensor], window: List[int],
+          mode: int, normalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best candidate of every query: dense (``window == []``) or windowed."""
+    check_forward(feat_a, feat_b, mask_a, mask_b, window, mode)
+    with device_of(feat_a):
+        xa, scale_a = _rows_and_scales(feat_a, normalize)
+        xb, scale_b = _rows_and_scales(feat_b, normalize)
+        if not window:
+            values, indices = _dense.dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
+        else:
+            values, indices = _window.window_match_forward(
+                xa, xb, scale_a, scale_b, mask_a, mask_b, tuple(feat_a.shape[2:]), tuple(window), mode
+            )
+    return _per_voxel(values, feat_a), _per_voxel(indices, feat_a)
 
 
-@match_forward.register_fake
-def _match_forward_fake(xa, xb, mask_a, mask_b, window, mode, normalize):
-    return shape_values(xa)
+def match_symmetric(feat_a, feat_b, mask_a, mask_b, window: List[int], mode: int, normalize: bool):
+    """Dense matching a -> b and b -> a from one pass over the similarity tiles."""
+    check_forward(feat_a, feat_b, mask_a, mask_b, window, mode)
+    if window:
+        raise ValueError(f"salign_kernels (triton): match_symmetric fuses dense matching only; got window {window}")
+    with device_of(feat_a):
+        xa, scale_a = _rows_and_scales(feat_a, normalize)
+        xb, scale_b = _rows_and_scales(feat_b, normalize)
+        out = _dense.dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
+    return tuple(_per_voxel(t, feat_a) for t in out)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::match_symmetric_forward", mutates_args=())
-def match_symmetric_forward(
-    xa: torch.Tensor,
-    xb: torch.Tensor,
-    mask_a: Optional[torch.Tensor],
-    mask_b: Optional[torch.Tensor],
-    normalize: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense matching a -> b and b -> a from one pass. See the module docstring."""
-    xa, xb, scale_a, scale_b = _checked_rows_and_scales(xa, xb, mask_a, mask_b, 0, WINDOW_MODES["sliding"], normalize)
-    return _dense.dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
+def _gradient_of(feat: torch.Tensor):
+    """``(grad, view)``: the gradient in ``feat``'s strides (``empty_like``, as the fake says) and
+    the voxel-major view the kernels write, a temporary when ``grad``'s spatial axes do not flatten."""
+    grad = torch.empty_like(feat)
+    view = voxel_major(grad)
+    return grad, view
 
 
-@match_symmetric_forward.register_fake
-def _match_symmetric_forward_fake(xa, xb, mask_a, mask_b, normalize):
-    return (*shape_values(xa), *shape_values(xb))
+def match_backward(grad_values, feat_a, feat_b, indices, normalize: bool):
+    """Gradients of ``sum(grad_values * values)`` w.r.t. both maps, normalisation included."""
+    check_backward(grad_values, feat_a, feat_b, indices)
+    B = feat_a.shape[0]
+    with device_of(feat_a):
+        grad_a, view_a = _gradient_of(feat_a)
+        grad_b, view_b = _gradient_of(feat_b)
+        _backward.match_backward(
+            grad_values.contiguous().view(B, -1), voxel_major(feat_a), voxel_major(feat_b),
+            indices.contiguous().view(B, -1), normalize, view_a, view_b,
+        )
+        for grad, view in ((grad_a, view_a), (grad_b, view_b)):
+            if not is_view_of(view, grad):  # written to a temporary: bring it into grad's strides
+                grad.copy_(view.view(B, *grad.shape[2:], grad.shape[1]).permute(0, grad.dim() - 1, *range(1, grad.dim() - 1)))
+    return grad_a, grad_b
 
 
-@torch.library.custom_op(f"{NAMESPACE}::match_backward", mutates_args=())
-def match_backward(
-    grad_values: torch.Tensor,
-    xa: torch.Tensor,
-    xb: torch.Tensor,
-    indices: torch.Tensor,
-    normalize: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum(grad_values * values)`` w.r.t. ``xa`` and ``xb``, normalisation included."""
-    check_backward(grad_values, xa, xb, indices)
-    _check_device(xa)
-    return _backward.match_backward(grad_values, xa, xb, indices, normalize)
+#: The families the kernels implement: the main one on CUDA, its twin on CPU under the interpreter.
+FAMILY = op_family()
+register_kernels(FAMILY, "cuda", match, match_symmetric, match_backward)
+INTERPRETER_FAMILY = None
+if INTERPRETED:
+    INTERPRETER_FAMILY = op_family(INTERPRETER_NAMESPACE)
+    register_kernels(INTERPRETER_FAMILY, "cpu", match, match_symmetric, match_backward)
 
 
-@match_backward.register_fake
-def _match_backward_fake(grad_values, xa, xb, indices, normalize):
-    return backward_shapes(xa, xb)
-
-
-register_match_autograd(match_forward, torch.ops.salign_triton.match_backward)
-register_symmetric_autograd(match_symmetric_forward, torch.ops.salign_triton.match_backward)
-
-__all__ = [
-    "match_forward", "match_symmetric_forward", "match_backward", "symmetric_partial_bytes", "INTERPRETED",
-]
+def family_for(device: torch.device):
+    """The op family whose kernels are these for tensors of ``device``."""
+    return INTERPRETER_FAMILY if device.type == "cpu" else FAMILY

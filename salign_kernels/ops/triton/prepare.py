@@ -1,12 +1,12 @@
-"""One pass over a feature map before matching: per-pixel scales, and pixel-major rows if needed.
+"""One pass over a feature map before matching: per-voxel scales, and voxel-major rows if needed.
 
-Kernel -> launcher. The ops take the pixel-major view of a ``(B, C, H, W)`` map (see
-``salign_kernels.ops._common``). Every op needs each pixel's normalisation factors, and the kernels
-that read single pixels' C-vectors at scattered places (the dense and window scans' candidates, the
+Kernel -> launcher. The ops take ``(B, C, *spatial)`` maps, seen voxel-major as ``(B, N, C)``
+(:func:`._runtime.voxel_major`). Every op needs each voxel's normalisation factors, and the kernels
+that read single voxels' C-vectors at scattered places (the dense and window scans' candidates, the
 backward's gather) want those vectors contiguous. One kernel gives both from a single read of the
 map: ``scale = 1 / max(||x_p||, eps)`` (1 without normalisation), ``curv = scale**3`` where the norm
 is not clamped (0 elsewhere; ``d scale / d x_p = -curv * x_p``), and, when the channels are not
-innermost already, a contiguous ``(B, H, W, C)`` copy. It stands in for a layout copy and the
+innermost already, a contiguous ``(B, N, C)`` copy. It stands in for a layout copy and the
 half-dozen small PyTorch kernels of the same norms.
 """
 
@@ -16,9 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._dtypes import accumulation_dtype
-from ...reference import NORMALIZE_EPS
-from .._common import pixel_strides
+from ..._numerics import NORMALIZE_EPS, accumulation_dtype
 from ._runtime import is_interpreted, next_power_of_2
 
 
@@ -73,24 +71,23 @@ INTERPRETED = is_interpreted(_prepare_kernel)
 
 
 def prepare_features(x: torch.Tensor, normalize: bool, rows: bool):
-    """``(rows, scale, curv)`` of a pixel-major ``(B, H, W, C)`` map ``x`` (H and W flattening).
+    """``(rows, scale, curv)`` of a voxel-major ``(B, N, C)`` map ``x`` (any strides).
 
     ``rows`` is ``x`` itself when its channels are innermost (or when ``rows`` is False), else a
-    contiguous copy; ``scale`` and ``curv`` are ``(B, H, W)`` contiguous in the accumulation dtype.
+    contiguous copy; ``scale`` and ``curv`` are ``(B, N)`` contiguous in the accumulation dtype.
     """
-    B, H, W, C = x.shape
-    N = H * W
+    B, N, C = x.shape
     dtype = accumulation_dtype(x.dtype)
-    write_rows = rows and x.stride(3) != 1 and C > 1
-    out_rows = torch.empty((B, H, W, C), dtype=x.dtype, device=x.device) if write_rows else x
-    scale = torch.empty((B, H, W), dtype=dtype, device=x.device)
+    write_rows = rows and x.stride(2) != 1 and C > 1
+    out_rows = torch.empty((B, N, C), dtype=x.dtype, device=x.device) if write_rows else x
+    scale = torch.empty((B, N), dtype=dtype, device=x.device)
     curv = torch.empty_like(scale)
     is_f64 = x.dtype == torch.float64
     BLOCK_C = min(next_power_of_2(C), 16 if INTERPRETED else 64)
     BLOCK_P = 32 if INTERPRETED else max(16, min(256, 8192 // BLOCK_C))
     _prepare_kernel[(triton.cdiv(N, BLOCK_P), B)](
         x, out_rows, scale, curv,
-        N, C, *pixel_strides(x),
+        N, C, *x.stride(),
         NORMALIZE=bool(normalize), WRITE_ROWS=write_rows, EPS=NORMALIZE_EPS,
         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, IS_F64=is_f64,
         num_warps=4,

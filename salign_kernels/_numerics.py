@@ -1,8 +1,12 @@
-"""Dtype rules shared by every backend."""
+"""Numerical rules every backend shares: the supported dtypes, the accumulation dtype, the eps of
+the normalisation."""
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+#: ``x / max(||x||, NORMALIZE_EPS)``: the eps of ``torch.nn.functional.normalize``.
+NORMALIZE_EPS = 1e-12
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
