@@ -189,6 +189,7 @@ class SALoss(nn.Module):
         if not gp_weight >= 0:  # also rejects NaN
             raise ValueError(f"gp_weight must be >= 0; got {gp_weight}")
         check_choice(reduction, "reduction", ("mean", "sum"))
+        _check_positive_int(pos_dims, "pos_dims")
         self.gp_weight = float(gp_weight)
         self.local_loss = LocalAlignmentLoss(window, window_mode, symmetric, normalize, reduction, backend)
         self.head = GlobalPositionalHead(in_channels, hidden, pos_dims)

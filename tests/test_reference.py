@@ -183,7 +183,7 @@ ORACLE_CASES = [
 def test_reference_matches_the_specification(shape, window, mode, masked, normalize):
     a, b = make_features(shape, torch.float64, seed=sum(shape) + (window or 0))
     masks = dict(mask_a=make_mask(shape, 0.8, 2), mask_b=make_mask(shape, 0.6, 3)) if masked else {}
-    values, indices = reference.match(a, b, window, mode, normalize=normalize, **masks)
+    values, indices = reference.window_match(a, b, window, mode, normalize=normalize, **masks)
     want_values, want_indices = spec_match(a, b, window, mode, normalize=normalize, **masks)
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values)
@@ -255,7 +255,7 @@ def test_gradcheck_match_values(window, mode, normalize):
     b.requires_grad_()
     mask_b = make_mask(a.shape, 0.8, 4)
     assert torch.autograd.gradcheck(
-        lambda x, y: reference.match(x, y, window, mode, mask_b=mask_b, normalize=normalize)[0], (a, b)
+        lambda x, y: reference.window_match(x, y, window, mode, mask_b=mask_b, normalize=normalize)[0], (a, b)
     )
 
 
@@ -286,9 +286,9 @@ def test_gradcheck_positional_loss():
 def test_half_inputs_accumulate_in_float32(dtype, window, mode):
     a, b = make_features((2, 8, 5, 6), dtype)
     a.requires_grad_()
-    values, indices = reference.match(a, b, window, mode)
+    values, indices = reference.window_match(a, b, window, mode)
     assert values.dtype == torch.float32 and indices.dtype == torch.int64
-    want_values, want_indices = reference.match(a.detach().float(), b.float(), window, mode)
+    want_values, want_indices = reference.window_match(a.detach().float(), b.float(), window, mode)
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values)
     loss = reference.local_alignment_loss(a, b, window, mode)
@@ -316,8 +316,8 @@ def test_autocast_does_not_lower_the_precision():
 @pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (2, "partition")])
 def test_memory_layout_does_not_change_the_answer(layout, window, mode):
     a, b = make_features((2, 5, 4, 6))
-    want = reference.match(a, b, window, mode)
-    got = reference.match(as_layout(a, layout), as_layout(b, layout), window, mode)
+    want = reference.window_match(a, b, window, mode)
+    got = reference.window_match(as_layout(a, layout), as_layout(b, layout), window, mode)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
 
@@ -331,3 +331,135 @@ def test_non_finite_features_give_a_nan_loss(bad, where, window, mode):
     (a if where == "a" else b)[0, 0, 1, 1] = bad
     loss = reference.local_alignment_loss(a, b, window, mode, symmetric=True)
     assert torch.isnan(loss)
+
+
+# --- volumes: (B, C, D, H, W) ---------------------------------------------------------------------
+
+
+def voxels(volume):
+    """``(1, C, D, H, W)`` float64 features from nested lists ``volume[d][h][w] = [c0, c1, ...]``."""
+    return torch.tensor(volume, dtype=torch.float64).permute(3, 0, 1, 2).unsqueeze(0)
+
+
+def test_volume_dense_by_hand():
+    # 2 x 1 x 2 voxels, flat index p = (d * H + h) * W + w = 2 * d + w.
+    a = voxels([[[[1, 0], [0, 1]]], [[[1, 1], [-1, 0]]]])
+    b = voxels([[[[0, 2], [1, 0]]], [[[3, 0], [1, 1]]]])
+    # raw dots of a's voxels with b's [0, 2], [1, 0], [3, 0], [1, 1]:
+    # a0 [1, 0]: 0, 1, 3, 1 -> 3 at 2;  a1 [0, 1]: 2, 0, 0, 1 -> 2 at 0;
+    # a2 [1, 1]: 2, 1, 3, 2 -> 3 at 2;  a3 [-1, 0]: 0, -1, -3, -1 -> 0 at 0
+    values, indices = reference.dense_match(a, b, normalize=False)
+    assert values.shape == indices.shape == (1, 2, 1, 2)
+    assert indices.flatten().tolist() == [2, 0, 2, 0]
+    assert values.flatten().tolist() == [3.0, 2.0, 3.0, 0.0]
+
+
+def test_volume_sliding_window_reaches_the_next_slice_only_within_its_depth():
+    # One channel, raw products: b holds its largest value two slices away from query (0, 1, 1).
+    a = torch.ones(1, 1, 3, 3, 3, dtype=torch.float64)
+    b = torch.zeros(1, 1, 3, 3, 3, dtype=torch.float64)
+    b[0, 0, 2, 1, 1] = 5.0  # flat 22
+    b[0, 0, 1, 0, 0] = 2.0  # flat 9
+    _, indices = reference.window_match(a, b, 3, normalize=False)
+    assert indices[0, 0, 1, 1] == 9  # depth 0 +- 1 does not reach depth 2
+    assert indices[0, 1, 1, 1] == 22 and indices[0, 2, 2, 2] == 22
+    _, in_plane = reference.window_match(a, b, (1, 3, 3), normalize=False)
+    assert in_plane[0, 1, 0, 0] == 9 and in_plane[0, 2, 1, 1] == 22 and in_plane[0, 0, 1, 1] == 0
+
+
+def test_volume_ties_pick_the_lowest_flat_index():
+    a = torch.ones(1, 2, 2, 3, 3, dtype=torch.float64)
+    b = torch.zeros(1, 2, 2, 3, 3, dtype=torch.float64)
+    b[0, 0] = 1.0  # every voxel equally similar to every query
+    for window, mode in [(None, "sliding"), (3, "sliding"), ((2, 2, 2), "partition")]:
+        _, indices = reference.window_match(a, b, window, mode)
+        _, want = spec_match(a, b, window, mode)
+        assert torch.equal(indices, want)
+    assert (reference.dense_match(a, b)[1] == 0).all()
+
+
+def test_volume_partition_tiles_from_the_origin_with_ragged_far_edges():
+    a = torch.ones(1, 1, 3, 3, 5, dtype=torch.float64)
+    b = torch.arange(45, dtype=torch.float64).reshape(1, 1, 3, 3, 5)  # the largest voxel of a tile wins
+    _, indices = reference.window_match(a, b, (2, 2, 3), "partition", normalize=False)
+    # Tiles along depth {0, 1} {2}, rows {0, 1} {2}, columns {0, 1, 2} {3, 4}: each tile's last voxel.
+    assert indices[0, 0, 0, 0] == (1 * 3 + 1) * 5 + 2
+    assert indices[0, 2, 2, 4] == 44 and indices[0, 2, 0, 3] == (2 * 3 + 1) * 5 + 4
+
+
+ORACLE_CASES_3D = [
+    # (B, C, D, H, W), window, mode
+    ((2, 3, 3, 4, 5), None, "sliding"),
+    ((1, 2, 1, 1, 6), None, "sliding"),
+    ((2, 3, 3, 4, 5), 3, "sliding"),
+    ((1, 2, 4, 3, 5), (1, 3, 3), "sliding"),
+    ((1, 2, 5, 2, 3), (5, 1, 3), "sliding"),
+    ((2, 3, 3, 4, 5), 2, "partition"),
+    ((1, 2, 4, 3, 5), (3, 2, 4), "partition"),
+    ((1, 2, 3, 3, 3), 3, "partition"),
+]
+
+
+@pytest.mark.parametrize("shape,window,mode", ORACLE_CASES_3D)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_reference_matches_the_specification_in_3d(shape, window, mode, masked, normalize):
+    a, b = make_features(shape, torch.float64, seed=sum(shape))
+    masks = dict(mask_a=make_mask(shape, 0.8, 2), mask_b=make_mask(shape, 0.6, 3)) if masked else {}
+    values, indices = reference.window_match(a, b, window, mode, normalize=normalize, **masks)
+    want_values, want_indices = spec_match(a, b, window, mode, normalize=normalize, **masks)
+    assert values.shape == indices.shape == (shape[0], *shape[2:])
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values)
+
+
+@pytest.mark.parametrize("k,mode", [(3, "sliding"), (5, "sliding"), (2, "partition"), (3, "partition")])
+def test_in_plane_windows_of_a_volume_are_the_per_slice_result(k, mode):
+    # window (1, k, k) on (B, C, D, H, W) is 2D matching of every slice: the same values, and the
+    # slice's flat indices offset by d * H * W.
+    B, C, D, H, W = 2, 4, 3, 5, 6
+    a, b = make_features((B, C, D, H, W), seed=k)
+    mask_b = make_mask((B, C, D, H, W), 0.7, 4)
+    values, indices = reference.window_match(a, b, (1, k, k), mode, mask_b=mask_b)
+    slices = lambda x: x.transpose(1, 2).reshape(B * D, C, H, W)  # noqa: E731
+    want_values, want_indices = reference.window_match(slices(a), slices(b), k, mode,
+                                                       mask_b=mask_b.reshape(B * D, H, W))
+    offset = (torch.arange(D) * H * W).view(1, D, 1, 1)
+    want_indices = want_indices.view(B, D, H, W)
+    want_indices = torch.where(want_indices >= 0, want_indices + offset, -1)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values.view(B, D, H, W), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), ((1, 3, 3), "sliding"), (3, "sliding"), (2, "partition")])
+def test_gradcheck_volume(window, mode):
+    a, b = make_features((1, 3, 3, 3, 4), torch.float64, seed=11)
+    a.requires_grad_()
+    b.requires_grad_()
+    mask_b = make_mask(a.shape, 0.8, 4)
+    assert torch.autograd.gradcheck(
+        lambda x, y: reference.local_alignment_loss(x, y, window, mode, True, mask_b=mask_b, reduction="none"), (a, b)
+    )
+
+
+@pytest.mark.parametrize("window,mode", [(None, "sliding"), (3, "sliding"), (2, "partition")])
+def test_volume_losses_and_layouts(window, mode):
+    shape = (2, 4, 3, 4, 5)
+    a, b = make_features(shape)
+    mask_a = make_mask(shape, 0.6, 1)
+    none = reference.local_alignment_loss(a, b, window, mode, symmetric=True, mask_a=mask_a, reduction="none")
+    assert none.shape == (2, 2, 3, 4, 5) and (none[:, 0][~mask_a] == 0).all()
+    want = reference.window_match(a, b, window, mode)
+    for layout in ("channels_last", "strided"):
+        got = reference.window_match(as_layout(a, layout), as_layout(b, layout), window, mode)
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0])
+
+
+def test_everything_masked_in_a_volume():
+    a, b = make_features((2, 3, 2, 3, 4))
+    empty = torch.zeros(2, 2, 3, 4, dtype=torch.bool)
+    for window, mode in [(None, "sliding"), (3, "sliding"), (2, "partition")]:
+        values, indices = reference.window_match(a, b, window, mode, mask_b=empty)
+        assert (indices == -1).all() and (values == 0).all()
+        assert reference.local_alignment_loss(a, b, window, mode, mask_a=empty) == 0
