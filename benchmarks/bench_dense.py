@@ -1,10 +1,11 @@
-"""Dense LA loss on the CPU: reference, chunked reference and the C++ backend, at S, M and L."""
+"""Dense LA loss on the CPU: reference, chunked reference and the C++ backend, at S, M and L, and on
+sub-volumes."""
 
 import pytest
 import torch
 
 from benchmarks.harness import machine, run_case
-from benchmarks.providers import CPU_DENSE_SHAPES, MM_SHAPE, Case
+from benchmarks.providers import CPU_DENSE_3D_SHAPE, CPU_DENSE_SHAPES, MM_SHAPE, Case
 
 MODES = ["forward", "backward", "full"]
 
@@ -14,6 +15,14 @@ MODES = ["forward", "backward", "full"]
 @pytest.mark.parametrize("size", list(CPU_DENSE_SHAPES))
 def bench_dense(benchmark, size, provider, mode):
     run_case(benchmark, provider, Case(CPU_DENSE_SHAPES[size]), mode, group=f"dense {size} {mode}", size=size)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["reference", "reference_chunked", "cpp"])
+def bench_dense_3d(benchmark, provider, mode):
+    """Dense matching of sub-volumes on the flat voxel axis: N = D * H * W candidates per query."""
+    case = Case(CPU_DENSE_3D_SHAPE)
+    run_case(benchmark, provider, case, mode, group=f"{case.label} {mode}")
 
 
 @pytest.mark.parametrize("mode", ["forward", "full"])

@@ -23,7 +23,15 @@ import os
 import pytest
 import torch
 
-from benchmarks.providers import GPU_DENSE_SHAPE, GPU_LARGE_SHAPE, Case, chunked_dense_match, loss_function, make_inputs
+from benchmarks.providers import (
+    GPU_DENSE_SHAPE,
+    GPU_LARGE_SHAPE,
+    GPU_VOLUME_SHAPE,
+    Case,
+    chunked_dense_match,
+    loss_function,
+    make_inputs,
+)
 from salign_kernels import reference
 
 SMOKE = os.environ.get("SALIGN_BENCH_SMOKE") == "1"
@@ -63,9 +71,19 @@ CASES = {
         [("triton", BF16), ("triton_two_pass", BF16), ("triton", FP32), ("triton_two_pass", FP32)],
         ("forward", "full"), 5,
     ),
+    "dense_3d": (
+        GPU_VOLUME_SHAPE, None, "sliding", False,
+        [("triton", BF16), ("reference_chunked", BF16)],
+        ("forward", "full"), 3,
+    ),
+    "sliding5_3d": (
+        GPU_VOLUME_SHAPE, 5, "sliding", False,
+        [("triton", BF16), ("reference", BF16)],
+        ("forward", "full"), 5,
+    ),
 }
 SMOKE_SHAPES = {"dense": (1, 8, 6, 6), "sliding7": (1, 8, 9, 9), "dense_large": (1, 8, 8, 8),
-                "dense_symmetric": (1, 8, 6, 6)}
+                "dense_symmetric": (1, 8, 6, 6), "dense_3d": (1, 8, 3, 4, 4), "sliding5_3d": (1, 8, 5, 5, 5)}
 
 
 def _params():

@@ -48,6 +48,10 @@ SPEEDUP_BARS = [
     ("dense fp32 fwd+bwd vs compiled reference fp32", ("reference_compiled", "float32"), ("triton", "float32"), "dense", "full", 1.0),
     ("sliding k=7 bf16 fwd+bwd vs reference bf16", ("reference", "bfloat16"), ("triton", "bfloat16"), "sliding7", "full", 10.0),
     ("sliding k=7 fp32 fwd+bwd vs reference fp32", ("reference", "float32"), ("triton", "float32"), "sliding7", "full", 10.0),
+    ("3D sliding k=5 bf16 fwd+bwd vs reference bf16", ("reference", "bfloat16"), ("triton", "bfloat16"), "sliding5_3d",
+     "full", 20.0),
+    ("3D dense bf16 fwd+bwd vs chunked reference bf16", ("reference_chunked", "bfloat16"), ("triton", "bfloat16"),
+     "dense_3d", "full", None),
 ]
 PEAK_FRACTION_BAR = 0.35
 

@@ -41,9 +41,13 @@ def _reset_peak() -> bool:
 
 
 def measure(spec: dict) -> dict:
-    case = Case(tuple(spec["shape"]), spec.get("window"), spec.get("window_mode", "sliding"), spec.get("symmetric", False))
+    window = spec.get("window")
+    window = tuple(window) if isinstance(window, list) else window
+    case = Case(tuple(spec["shape"]), window, spec.get("window_mode", "sliding"), spec.get("symmetric", False))
     fn = loss_function(spec["provider"], case)
-    tiny = Case((1, case.shape[1], 8, 8), None if case.window is None else min(case.window, 7), case.mode, case.symmetric)
+    tiny_spatial = (8,) * len(case.spatial)
+    tiny_window = None if case.window is None else tuple(min(k, 7) for k in case.windows)
+    tiny = Case((1, case.shape[1], *tiny_spatial), tiny_window, case.mode, case.symmetric)
     run_mode(loss_function(spec["provider"], tiny), *make_inputs(tiny), "full")
     feat_a, feat_b = make_inputs(case)
     if _reset_peak():

@@ -20,61 +20,100 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 import salign_kernels as sk
 from salign_kernels import reference
 
-# Canonical shapes (B, C, H, W).
+# Canonical shapes (B, C, H, W) and (B, C, D, H, W).
 CPU_DENSE_SHAPES = {"S": (16, 128, 32, 32), "M": (8, 64, 64, 64), "L": (2, 64, 128, 128)}
 CPU_WINDOW_SHAPE = (8, 64, 128, 128)
 CPU_WINDOWS = [(7, "sliding"), (15, "sliding"), (7, "partition"), (15, "partition")]
-MM_SHAPE = (4096, 512, 4096)  # the torch.mm throughput that dense matching is compared with
+CPU_DENSE_3D_SHAPE = (2, 64, 16, 32, 32)  # N = 16,384 voxels: the reference's matrix is 2 GiB
+CPU_WINDOW_3D_SHAPE = (2, 32, 32, 32, 32)
+CPU_WINDOWS_3D = [(5, "sliding"), ((1, 7, 7), "sliding"), (4, "partition")]
+MM_SHAPE = (4096, 512, 4096)  # the torch.mm throughput that matching is compared with
 
 # GPU cases (B, C, H, W) of the Triton backend's goals.
 GPU_DENSE_SHAPE = (8, 128, 128, 128)
 GPU_LARGE_SHAPE = (4, 128, 256, 256)  # the reference would need ~69 GB for its similarities alone
+GPU_VOLUME_SHAPE = (2, 128, 32, 32, 32)  # N = 32,768 voxels per sub-volume
 
 if os.environ.get("SALIGN_BENCH_QUICK") == "1":  # tiny stand-ins that exercise the machinery only
     CPU_DENSE_SHAPES = {"S": (2, 16, 8, 8), "M": (2, 8, 12, 12), "L": (1, 8, 16, 16)}
     CPU_WINDOW_SHAPE = (2, 8, 16, 16)
+    CPU_DENSE_3D_SHAPE = (1, 8, 4, 6, 6)
+    CPU_WINDOW_3D_SHAPE = (1, 8, 4, 8, 8)
     MM_SHAPE = (64, 32, 64)
+
+
+def _axis_pairs(size: int, k: int, mode: str) -> int:
+    """Query-candidate pairs along one axis of ``size``: borders clipped (sliding), ragged tiles
+    (partition). Candidate sets factor over the axes, so a map's pairs are the product."""
+    if mode == "sliding":
+        r = k // 2
+        return sum(min(size, x + r + 1) - max(0, x - r) for x in range(size))
+    full, rest = divmod(size, k)
+    return full * k * k + rest * rest
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmarked problem."""
+    """One benchmarked problem: ``shape`` is (B, C, H, W) or (B, C, D, H, W); ``window`` an int or
+    one size per spatial axis."""
 
     shape: tuple
-    window: Optional[int] = None
+    window: Optional[Union[int, tuple]] = None
     mode: str = "sliding"
     symmetric: bool = False
     dtype: torch.dtype = torch.float32
 
     @property
+    def spatial(self) -> tuple:
+        return tuple(self.shape[2:])
+
+    @property
+    def windows(self) -> Optional[tuple]:
+        """The window, one size per spatial axis."""
+        if self.window is None:
+            return None
+        return (self.window,) * len(self.spatial) if isinstance(self.window, int) else tuple(self.window)
+
+    @property
     def label(self) -> str:
-        kind = "dense" if self.window is None else f"{self.mode} k={self.window}"
-        return kind + (" symmetric" if self.symmetric else "")
+        if self.window is None:
+            kind = "dense"
+        else:
+            size = self.window if isinstance(self.window, int) else "x".join(map(str, self.window))
+            kind = f"{self.mode} k={size}"
+        return kind + (" 3D" if len(self.spatial) == 3 else "") + (" symmetric" if self.symmetric else "")
+
+    def pairs(self) -> int:
+        """(query, candidate) pairs of one direction over the batch: the real candidates only."""
+        B = self.shape[0]
+        N = math.prod(self.spatial)
+        if self.window is None:
+            return B * N * N
+        return B * math.prod(_axis_pairs(size, k, self.mode) for size, k in zip(self.spatial, self.windows))
 
     def flops(self) -> float:
         """Multiply-adds x 2 of the similarities one forward pass needs (all directions)."""
-        B, C, H, W = self.shape
-        N = H * W
-        candidates = N if self.window is None else self.window**2
-        return 2.0 * B * N * candidates * C * (2 if self.symmetric else 1)
+        return 2.0 * self.shape[1] * self.pairs() * (2 if self.symmetric else 1)
 
     def reference_bytes(self) -> float:
         """The largest tensor the reference materialises: the similarities or the unfolded windows."""
-        B, C, H, W = self.shape
-        N = H * W
+        B, C = self.shape[:2]
+        N = math.prod(self.spatial)
         size = torch.finfo(torch.float32).bits // 8
         if self.window is None:
             return B * N * N * size
+        K = math.prod(self.windows)
         if self.mode == "sliding":
-            return B * C * self.window**2 * N * size
-        return B * math.ceil(H / self.window) * math.ceil(W / self.window) * self.window**4 * size
+            return B * C * K * N * size
+        tiles = math.prod(math.ceil(s / k) for s, k in zip(self.spatial, self.windows))
+        return B * tiles * K * K * size
 
 
 def chunked_dense_match(feat_a, feat_b, mask_a=None, mask_b=None, normalize=True, chunk=1024):
@@ -82,8 +121,7 @@ def chunked_dense_match(feat_a, feat_b, mask_a=None, mask_b=None, normalize=True
 
     Autograd keeps only each chunk's inputs (views) and argmax, so the backward is chunked too.
     """
-    B, _, H, W = feat_a.shape
-    N = H * W
+    B, N = feat_a.shape[0], math.prod(feat_a.shape[2:])
     with torch.autocast(feat_a.device.type, enabled=False):
         xa = reference.prepare_features(feat_a, normalize).flatten(2).transpose(1, 2)  # (B, N, C)
         xb = reference.prepare_features(feat_b, normalize).flatten(2)  # (B, C, N)
@@ -102,7 +140,8 @@ def chunked_dense_match(feat_a, feat_b, mask_a=None, mask_b=None, normalize=True
         valid = valid & candidates.any(dim=-1)
     if mask_a is not None:
         valid = valid & mask_a.reshape(B, N)
-    return values.masked_fill(~valid, 0.0).view(B, H, W), indices.masked_fill(~valid, -1).view(B, H, W)
+    shape = (B, *feat_a.shape[2:])
+    return values.masked_fill(~valid, 0.0).view(shape), indices.masked_fill(~valid, -1).view(shape)
 
 
 def loss_function(provider: str, case: Case, compile_backend: str = "inductor") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

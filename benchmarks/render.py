@@ -23,6 +23,14 @@ BARS = [
     ("sliding k=7 forward+backward, cpp vs reference", "sliding k=7", None, "full", "speedup", 10.0),
     ("partition k=7 forward+backward, cpp vs reference", "partition k=7", None, "full", "speedup", 1.0),
     ("partition k=15 forward+backward, cpp vs reference", "partition k=15", None, "full", "speedup", 1.0),
+    ("sliding k=7 forward, cpp GFLOP/s (real candidates) as a share of torch.mm's", "sliding k=7", None,
+     "forward", "mm_share", 0.40),
+    ("partition k=15 forward, cpp GFLOP/s (real candidates) as a share of torch.mm's", "partition k=15", None,
+     "forward", "mm_share", 1.00),
+    ("3D sliding k=5 forward, cpp GFLOP/s (real candidates) as a share of torch.mm's", "sliding k=5 3D", None,
+     "forward", "mm_share", 0.40),
+    ("3D dense forward+backward, cpp vs reference", "dense 3D", None, "full", "speedup", 6.0),
+    ("3D sliding k=5 forward+backward, cpp vs reference", "sliding k=5 3D", None, "full", "speedup", 10.0),
 ]
 
 
@@ -93,7 +101,7 @@ def markdown(data, rows, summary):
         f"C++ kernels: {variant}; {data.get('datetime', '')[:10]}. Median time per step; "
         "peak extra memory of one step in a fresh process (RSS growth).",
         "",
-        "| case | shape (B, C, H, W) | mode | reference | reference_chunked | cpp | cpp speed-up |",
+        "| case | shape (B, C, [D,] H, W) | mode | reference | reference_chunked | cpp | cpp speed-up |",
         "|---|---|---|---|---|---|---|",
     ]
     cases = sorted({(r["case"], r["size"], tuple(r["shape"]), r["mode"]) for r in rows if r["case"] != "mm"},
@@ -132,6 +140,20 @@ def markdown(data, rows, summary):
                 rate = cpp["gflop"] / cpp["median_s"]
                 ref_rate = f"{ref['gflop'] / ref['median_s']:.0f} GFLOP/s" if ref else ""
                 lines.append(f"| {size} | {ref_rate} | {rate:.0f} GFLOP/s | {100 * rate / mm_rate:.0f}% |")
+        windowed = sorted({(r["case"], tuple(r["shape"])) for r in rows
+                           if r["mode"] == "forward" and r["provider"] == "cpp" and r.get("window") is not None})
+        if windowed:
+            lines += ["", "Windowed and 3D forward throughput (2·C flops per (query, candidate) pair, counting only the "
+                      "real candidates: borders clipped, ragged tiles):", "",
+                      "| case | shape | reference | cpp | cpp / torch.mm |", "|---|---|---|---|---|"]
+            for case, shape in windowed + [("dense 3D", None)]:
+                cpp, ref = table.get((case, "", "forward", "cpp")), table.get((case, "", "forward", "reference"))
+                if not cpp:
+                    continue
+                rate = cpp["gflop"] / cpp["median_s"]
+                ref_rate = f"{ref['gflop'] / ref['median_s']:.0f} GFLOP/s" if ref else ""
+                lines.append(f"| {case} | {tuple(cpp['shape'])} | {ref_rate} | {rate:.0f} GFLOP/s | "
+                             f"{100 * rate / mm_rate:.0f}% |")
 
     lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
     for s in summary:

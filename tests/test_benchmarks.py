@@ -13,6 +13,7 @@ import torch
 from benchmarks.providers import Case, chunked_dense_match, loss_function
 from salign_kernels import reference
 from helpers import make_features, make_mask
+from spec_oracle import candidate_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +30,24 @@ def test_chunked_reference_equals_the_reference(chunk):
     torch.testing.assert_close(got[0], want[0])
     grad = torch.autograd.grad(got[0].sum(), a)[0]
     torch.testing.assert_close(grad, torch.autograd.grad(want[0].sum(), a)[0])
+
+
+@pytest.mark.parametrize("shape,window,mode", [
+    ((2, 3, 5, 7), None, "sliding"), ((2, 3, 5, 7), 3, "sliding"), ((1, 3, 9, 4), 7, "sliding"),
+    ((2, 3, 5, 7), 3, "partition"), ((1, 3, 8, 8), 8, "partition"), ((1, 2, 3, 4, 5), 3, "sliding"),
+    ((1, 2, 3, 4, 5), (1, 3, 5), "sliding"), ((2, 2, 5, 4, 7), (2, 3, 4), "partition"),
+])
+def test_flops_count_the_real_candidates(shape, window, mode):
+    """The GFLOP/s of the benchmarks count (query, candidate) pairs as the specification's candidate
+    sets have them: borders clipped, ragged tiles smaller."""
+    import itertools
+
+    case = Case(shape, window, mode)
+    spatial = shape[2:]
+    pairs = sum(len(candidate_set(p, spatial, window, mode)) for p in itertools.product(*map(range, spatial)))
+    assert case.pairs() == shape[0] * pairs
+    assert case.flops() == 2 * shape[1] * case.pairs()
+    assert Case(shape, window, mode, symmetric=True).flops() == 2 * case.flops()
 
 
 def test_symmetric_providers_agree():
