@@ -1,6 +1,6 @@
 """Compare the available backends on random features: loss, time and peak memory.
 
-    python examples/compare_backends.py [--shape B C H W] [--window K] [--repeats R]
+    python examples/compare_backends.py [--shape B C H W | --shape B C D H W] [--window K] [--repeats R]
 
 Each (backend, matching) case runs forward + backward in a fresh subprocess, so its peak resident
 memory (``ru_maxrss``) can be reported above the process's baseline after the inputs exist.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def runs_on_cpu(backend: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=int, nargs=4, default=[4, 64, 48, 48], metavar=("B", "C", "H", "W"))
+    parser.add_argument("--shape", type=int, nargs="+", default=[4, 64, 48, 48],
+                        help="B C H W (slices) or B C D H W (sub-volumes)")
     parser.add_argument("--window", type=int, default=7, help="window of the windowed case (odd)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -57,9 +59,12 @@ def main() -> None:
         print(json.dumps(run_case(backend, tuple(args.shape), window, args.repeats)))
         return
 
+    if len(args.shape) not in (4, 5) or min(args.shape) < 1:
+        parser.error(f"--shape takes B C H W or B C D H W, all >= 1; got {args.shape}")
     available = [name for name, status in sk.backends().items() if status and runs_on_cpu(name)]
-    B, C, H, W = args.shape
-    print(f"local alignment loss, forward + backward, features (B, C, H, W) = {tuple(args.shape)}, N = {H * W}")
+    B, N = args.shape[0], math.prod(args.shape[2:])
+    axes = "(B, C, H, W)" if len(args.shape) == 4 else "(B, C, D, H, W)"
+    print(f"local alignment loss, forward + backward, features {axes} = {tuple(args.shape)}, N = {N}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; backends here: {', '.join(available)}\n")
     print(f"{'matching':<18}{'backend':<12}{'loss':>10}{'time (ms)':>12}{'peak extra (MiB)':>18}")
     for label, window in (("dense", None), (f"sliding k={args.window}", args.window)):
@@ -69,7 +74,7 @@ def main() -> None:
             result = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
             print(f"{label:<18}{backend:<12}{result['loss']:>10.5f}{1e3 * result['seconds']:>12.1f}"
                   f"{result['peak_mib']:>18.1f}")
-    print(f"\nthe dense similarity matrix alone is B*N*N*4 bytes = {B * (H * W) ** 2 * 4 / 2**20:.0f} MiB here")
+    print(f"\nthe dense similarity matrix alone is B*N*N*4 bytes = {B * N ** 2 * 4 / 2**20:.0f} MiB here")
 
 
 if __name__ == "__main__":

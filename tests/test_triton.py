@@ -564,6 +564,23 @@ def test_cuda_fp32_precisions(monkeypatch, precision):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_follow_the_tensors_device():
+    # Tensors on cuda:1 while cuda:0 is current: every kernel must run on cuda:1 (a launch goes to
+    # the current device unless the launcher makes the tensors' device current).
+    a, b = make_features((2, 16, 9, 11), seed=48, device="cuda:1")
+    a.requires_grad_()
+    with torch.cuda.device(0):
+        for window in (None, 3):
+            loss = sk.local_alignment_loss(a, b, window=window, symmetric=True, backend="triton")
+            (grad_a,) = torch.autograd.grad(loss, a)
+            want = sk.local_alignment_loss(a.detach().cpu().requires_grad_(), b.cpu(), window=window,
+                                           symmetric=True, backend="reference")
+            torch.testing.assert_close(loss.cpu(), want, atol=2e-5, rtol=2e-5)
+            assert grad_a.device == a.device and torch.cuda.current_device() == 0
+
+
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_deterministic_large(deterministic):
     a, b = make_features((2, 64, 40, 40), seed=44, device="cuda")
