@@ -312,6 +312,8 @@ def test_error_slab_leaves_too_few_slices(volume_file):
         ({"foreground_threshold": "high"}, TypeError, r"foreground_threshold must be a float or None"),
         ({"transform": 3}, TypeError, r"transform must be callable or None; got 3"),
         ({"pairs_per_volume": 0}, ValueError, r"pairs_per_volume must be >= 1; got 0"),
+        ({"seed": -1}, ValueError, r"seed must be >= 0; got -1"),
+        ({"ct_window": (5.0, 5.0)}, ValueError, r"ct_window must have low < high; got \(5.0, 5.0\)"),
     ],
 )
 def test_error_options_checked_before_reading(tmp_path, kwargs, error, match):

@@ -15,11 +15,15 @@ from .intensity import CT_WINDOW, MR_PERCENTILES, detect_modality, normalize_int
 from .io import Volume, find_volumes, load_volume
 from .sample import SAMPLE_CLASSES, SAMPLE_IMAGE, SAMPLE_LABEL, sample_paths
 from .slices import sample_pair, to_slices
+from .volumes import NormalizedVolume, load_normalized_volume, resample_to_spacing
 
 __all__ = [
     "SlicePairDataset",
     "SliceStack",
     "load_slices",
+    "NormalizedVolume",
+    "load_normalized_volume",
+    "resample_to_spacing",
     "load_volume",
     "find_volumes",
     "Volume",
