@@ -19,7 +19,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.salign-installed
 SOURCES := pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
-.PHONY: install test demo finetune check bench gpu-check clean
+.PHONY: install test demo demo3d finetune check bench gpu-check clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ test: $(STAMP)
 # The main job: SAL pre-training of a MONAI U-Net encoder on the bundled real sample (outputs/).
 demo: $(STAMP)
 	$(PY) examples/pretrain_sal.py
+
+# Its 3D sibling: SAL on pairs of nearby sub-volumes of the same sample (outputs/sal3d_*).
+demo3d: $(STAMP)
+	$(PY) examples/pretrain_sal3d.py
 
 # The README's few-label Dice table (SAL vs random init, 3 seeds; outputs/finetune/).
 finetune: $(STAMP)

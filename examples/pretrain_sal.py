@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -48,23 +48,25 @@ FEATURE_STRIDE = 4
 
 
 # ----------------------------------------------------------------------------------------- model
-def build_unet(out_channels: int = 3, features=FEATURES):
-    """MONAI's 2D ``BasicUNet`` (instance norm, so per-sample and DDP-safe): 1 channel in."""
+def build_unet(out_channels: int = 3, features=FEATURES, spatial_dims: int = 2):
+    """MONAI's ``BasicUNet`` (instance norm, so per-sample and DDP-safe): 1 channel in, 2D or 3D."""
     from monai.networks.nets import BasicUNet
 
-    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=out_channels, features=tuple(features))
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=1, out_channels=out_channels,
+                     features=tuple(features))
 
 
 class SALEncoder(nn.Module):
     """A BasicUNet's encoder plus a 1x1 embedding: the features SAL pre-trains.
 
     The outputs of ``down_2`` (stride 4), ``down_3`` (8) and ``down_4`` (16) are brought to the stride-4
-    grid (bilinear), concatenated and embedded by a 1x1 convolution, so every encoder block gets a
+    grid ((bi/tri)linear), concatenated and embedded by a 1x1 convolution, so every encoder block gets a
     gradient while matching happens on a grid fine enough to be local. The encoder blocks are the U-Net's
     own modules (training them trains the U-Net); the decoder is left out, so that DDP, which expects a
-    gradient for every parameter it holds, only holds what SAL trains.
+    gradient for every parameter it holds, only holds what SAL trains. 2D or 3D, as the U-Net is.
 
-    Shape: ``(B, 1, S, S) -> (B, embed_dim, S / 4, S / 4)`` (``S`` a multiple of 16).
+    Shape: ``(B, 1, *spatial) -> (B, embed_dim, *spatial / 4)`` (every size a multiple of 16);
+    ``(B, 1, S, S) -> (B, embed_dim, S / 4, S / 4)`` for slices.
     """
 
     BLOCKS = ("conv_0", "down_1", "down_2", "down_3", "down_4")
@@ -73,49 +75,58 @@ class SALEncoder(nn.Module):
         super().__init__()
         for name in self.BLOCKS:
             self.add_module(name, getattr(unet, name))
+        first = unet.conv_0.conv_0.conv
+        self.spatial_dims = first.weight.dim() - 2  # Conv2d or Conv3d: the U-Net's spatial_dims
         widths = [getattr(unet, name).convs.conv_1.conv.out_channels for name in self.BLOCKS[2:]]
-        self.embed = nn.Conv2d(sum(widths), embed_dim, kernel_size=1)
+        conv = nn.Conv3d if self.spatial_dims == 3 else nn.Conv2d
+        self.embed = conv(sum(widths), embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self.down_2(self.down_1(self.conv_0(x)))
         x3 = self.down_3(x2)
         x4 = self.down_4(x3)
-        grid = x2.shape[-2:]
-        up = [F.interpolate(t, size=grid, mode="bilinear", align_corners=False) for t in (x3, x4)]
+        grid = x2.shape[2:]
+        mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
+        up = [F.interpolate(t, size=grid, mode=mode, align_corners=False) for t in (x3, x4)]
         return self.embed(torch.cat([x2, *up], dim=1))
 
 
 class SALPretrainer(nn.Module):
-    """Encoder + ``SALoss`` in one module, so DDP sees (and all-reduces) every trained parameter."""
+    """Encoder + ``SALoss`` in one module, so DDP sees (and all-reduces) every trained parameter.
+
+    ``image_a``, ``image_b``: ``(B, 1, *spatial)`` slices or crops; masks ``(B, *spatial)``.
+    """
 
     def __init__(self, encoder: SALEncoder, criterion: sk.SALoss) -> None:
         super().__init__()
         self.encoder, self.criterion = encoder, criterion
 
-    def forward(self, slice_a, slice_b, pos_a, pos_b, mask_a=None, mask_b=None):
-        # One pass over both slices: instance norm makes it identical to two passes, and faster.
-        feat_a, feat_b = self.encoder(torch.cat([slice_a, slice_b])).chunk(2)
+    def forward(self, image_a, image_b, pos_a, pos_b, mask_a=None, mask_b=None):
+        # One pass over both images: instance norm makes it identical to two passes, and faster.
+        feat_a, feat_b = self.encoder(torch.cat([image_a, image_b])).chunk(2)
         if mask_a is not None:
-            mask_a, mask_b = feature_mask(mask_a, feat_a.shape[-2:]), feature_mask(mask_b, feat_b.shape[-2:])
+            mask_a, mask_b = feature_mask(mask_a, feat_a.shape[2:]), feature_mask(mask_b, feat_b.shape[2:])
         return self.criterion(feat_a, feat_b, pos_a, pos_b, mask_a, mask_b), feat_a.detach()
 
 
 def feature_mask(mask: torch.Tensor, grid) -> torch.Tensor:
-    """A foreground mask on the feature grid: a cell is foreground when any of its pixels is.
+    """A foreground mask on the feature grid: a cell is foreground when any of its pixels (voxels) is.
 
-    Shape: ``(B, S, S)`` bool -> ``(B, h, w)`` bool.
+    Shape: ``(B, S, S)`` bool -> ``(B, h, w)`` bool, or ``(B, D, H, W)`` -> ``(B, d, h, w)``.
     """
-    return F.adaptive_max_pool2d(mask.unsqueeze(1).float(), tuple(grid)).squeeze(1) > 0
+    pool = F.adaptive_max_pool3d if mask.dim() == 4 else F.adaptive_max_pool2d
+    return pool(mask.unsqueeze(1).float(), tuple(grid)).squeeze(1) > 0
 
 
 def feature_spread(features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The collapse monitor: the per-channel std of the L2-normalised pixel features.
+    """The collapse monitor: the per-channel std of the L2-normalised pixel (voxel) features.
 
     Returns ``(C,)`` stds over the batch's (foreground) pixels. ``sqrt(sum_c std_c^2)`` is the RMS
     distance of the unit feature vectors from their mean: about 1 for features spread over the
-    sphere, 0 when every pixel has the same feature (collapse).
+    sphere, 0 when every pixel has the same feature (collapse). ``features``: ``(B, C, *spatial)``,
+    ``mask``: ``(B, *spatial)``.
     """
-    x = F.normalize(features.float(), dim=1).permute(0, 2, 3, 1)  # (B, h, w, C)
+    x = F.normalize(features.float(), dim=1).movedim(1, -1)  # (B, *spatial, C)
     x = x[mask] if mask is not None and mask.any() else x.reshape(-1, x.shape[-1])
     return x.std(dim=0, unbiased=False)
 
@@ -142,6 +153,160 @@ def global_mean(value: torch.Tensor, world: int) -> torch.Tensor:
         dist.all_reduce(value)
         value /= world
     return value
+
+
+class Run(NamedTuple):
+    """Where this process stands: its rank among ``world`` processes, its device, and its log."""
+
+    rank: int
+    world: int
+    device: torch.device
+    log: Callable[..., None]
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+
+def start_run(args) -> Run:
+    """Join the process group under torchrun, check that the batch divides, seed the weights."""
+    rank, world, device = setup_distributed(pick_device(args.device))
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    return Run(rank, world, device, print if rank == 0 else (lambda *a, **k: None))
+
+
+def end_run(run: Run) -> None:
+    if run.world > 1:
+        # Leave together: the first process writes pictures while the others would already be
+        # tearing gloo down, and a process group torn down at different times can hang.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------- training
+def make_loader(dataset, args, run: Run):
+    """``(sampler, loader)``: each process's share of every global batch of ``args.batch_size``.
+
+    Every rank shuffles with the same seed and takes its share; with one process it is the same
+    permutation, so the global batch of a step holds the same pairs whatever the process count.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size // run.world, sampler=sampler, drop_last=True,
+                        num_workers=args.workers, persistent_workers=False)
+    if len(loader) == 0:
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(dataset)} pairs of an epoch")
+    return sampler, loader
+
+
+class Trainer(NamedTuple):
+    """What a step needs: ``trained`` is ``model`` wrapped in DDP when distributed; ``backend`` is the
+    one ``SALoss`` runs on (``auto`` resolved)."""
+
+    model: SALPretrainer
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    backend: str
+
+
+def make_trainer(encoder: SALEncoder, criterion: sk.SALoss, args, run: Run) -> Trainer:
+    model = SALPretrainer(encoder, criterion).to(run.device)
+    backend = sk.resolve_backend(args.backend, run.device)  # raises at once if a forced backend is missing
+    trained = nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    return Trainer(model, trained, optimizer, backend)
+
+
+def train_epoch(trained: nn.Module, optimizer, loader, run: Run, *, inputs: Sequence[str], desc: str,
+                progress: bool = True, max_steps: Optional[int] = None,
+                on_first_step: Optional[Callable[[torch.Tensor], None]] = None) -> Dict:
+    """One pass over ``loader``: a SAL step per batch. Returns the epoch's means and speed.
+
+    ``inputs`` names the batch's two images (``("slice_a", "slice_b")``, ``("crop_a", "crop_b")``);
+    ``on_first_step`` gets the first step's loss parts after the backward pass, before the update.
+    Returns ``total``, ``local``, ``positional`` (means over steps and processes), ``spread`` (RMS of
+    the feature spread, see :func:`feature_spread`), ``min_channel_std``, ``channels``, ``pairs``,
+    ``pairs_per_s`` and ``seconds``.
+    """
+    from tqdm import tqdm
+
+    device = run.device
+    sums = torch.zeros(4, dtype=torch.float64)  # total, local, positional, spread^2
+    min_std, steps, pairs, start = math.inf, 0, 0, time.perf_counter()
+    # disable=None: a bar on a terminal only, not in logs; one bar, on the first process.
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+               disable=True if not run.main_process or not progress else None)
+    for batch in bar:
+        masks = (batch["mask_a"].to(device), batch["mask_b"].to(device)) if "mask_a" in batch else (None, None)
+        out, feat_a = trained(batch[inputs[0]].to(device), batch[inputs[1]].to(device),
+                              batch["pos_a"].to(device), batch["pos_b"].to(device), *masks)
+        optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        parts = torch.stack([global_mean(t, run.world) for t in out]).cpu()
+        if on_first_step is not None and steps == 0:
+            on_first_step(parts)
+        optimizer.step()
+
+        stds = feature_spread(feat_a, None if masks[0] is None else feature_mask(masks[0], feat_a.shape[2:]))
+        sums += torch.cat([parts, stds.pow(2).sum().reshape(1).cpu()]).double()
+        min_std = min(min_std, float(stds.min()))
+        steps += 1
+        pairs += len(batch[inputs[0]]) * run.world
+        bar.set_postfix(loss=f"{float(parts[0]):.4f}")
+        if max_steps is not None and steps >= max_steps:
+            break
+    seconds = time.perf_counter() - start
+    mean = (sums / steps).tolist()
+    return {"total": mean[0], "local": mean[1], "positional": mean[2], "spread": math.sqrt(mean[3]),
+            "min_channel_std": min_std, "channels": feat_a.shape[1], "pairs": pairs,
+            "pairs_per_s": pairs / seconds, "seconds": seconds}
+
+
+def run_epochs(args, run: Run, trainer: Trainer, dataset, sampler, loader, *, inputs: Sequence[str],
+               checkpoint_of: Callable[[List[Dict]], Dict], path: Path) -> Tuple[List[Dict], Dict]:
+    """``args.epochs`` epochs of :func:`train_epoch`, each reported, then checkpointed to ``path``.
+
+    ``checkpoint_of(history)`` builds the checkpoint after each epoch (the first process saves it).
+    Returns ``(history, the last checkpoint)``; ``history`` holds one record per epoch: the epoch,
+    :func:`train_epoch`'s numbers and the backend.
+    """
+    history: List[Dict] = []
+    for epoch in range(1, args.epochs + 1):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        first_step = None
+        if args.save_first_step is not None and epoch == 1:
+            first_step = lambda parts: save_first_step(args.save_first_step, trainer.model, parts,
+                                                       run.main_process)
+        means = train_epoch(trainer.trained, trainer.optimizer, loader, run, inputs=inputs,
+                            desc=f"epoch {epoch}/{args.epochs}", progress=not args.no_progress,
+                            max_steps=2 if args.smoke else None, on_first_step=first_step)
+        history.append({"epoch": epoch, **means, "backend": trainer.backend})
+        report_epoch(history[-1], args.epochs, run, args.collapse_threshold)
+        checkpoint = checkpoint_of(history)
+        if run.main_process:
+            torch.save(checkpoint, path)
+    return history, checkpoint
+
+
+def report_epoch(record: Dict, epochs: int, run: Run, collapse_threshold: float) -> None:
+    """Print the epoch's line; warn (first process) when the features collapse."""
+    run.log(f"epoch {record['epoch']:>3}/{epochs}  loss {record['total']:.4f} (local {record['local']:.4f}, "
+            f"positional {record['positional']:.4f})  spread {record['spread']:.3f}  "
+            f"{record['pairs_per_s']:.1f} pairs/s  backend {record['backend']}")
+    if record["spread"] < collapse_threshold and run.main_process:
+        warnings.warn(f"feature collapse: spread {record['spread']:.3f} < {collapse_threshold} "
+                      "(all pixels get nearly the same feature; raise --gp-weight or lower --lr)",
+                      RuntimeWarning, stacklevel=1)
+
+
+def report_done(history: List[Dict], run: Run) -> None:
+    seconds = sum(h["seconds"] for h in history)
+    pairs = sum(h["pairs"] for h in history)
+    run.log(f"done: {len(history)} epochs in {seconds:.0f} s, {pairs / seconds:.1f} pairs/s "
+            f"with backend {history[-1]['backend']}")
 
 
 # ----------------------------------------------------------------------------------------- picture
@@ -238,25 +403,26 @@ def parse_window(text: str) -> Optional[int]:
     return None if text.lower() in ("none", "dense") else int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The flags of what is read: files, modality, foreground masks."""
     p.add_argument("--data", nargs="+", default=[str(SAMPLE_IMAGE)],
                    help="NIfTI files and/or folders searched recursively (default: the bundled sample)")
-    p.add_argument("--axis", type=int, default=2, help="slicing axis of the RAS+ volume: 0 sag., 1 cor., 2 axial")
     p.add_argument("--modality", default="auto", choices=("auto", "ct", "mr"))
-    p.add_argument("--size", type=int, default=96, help="side of the square slices, a multiple of 16")
-    p.add_argument("--max-offset", type=int, default=3, help="largest slice distance of a pair")
     p.add_argument("--fg-threshold", type=parse_threshold, default=0.05,
                    help="foreground = normalised intensity above this; 'none' for no masks")
-    p.add_argument("--slab", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="draw pairs only from slices at positions in [LOW, HIGH] (hold out the rest)")
-    p.add_argument("--window", type=parse_window, default=None, help="odd window size, or 'none' (dense)")
+
+
+def add_training_args(p: argparse.ArgumentParser, *, embed_dim: int, epochs: int, pairs_per_epoch: int,
+                      batch_size: int) -> None:
+    """The flags of the loss, the optimisation, the run and its outputs, with these defaults."""
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gp-weight", type=float, default=1.0)
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--pairs-per-epoch", type=int, default=640, help="pairs drawn per epoch over all volumes")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (divided among DDP processes)")
+    p.add_argument("--embed-dim", type=int, default=embed_dim)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--pairs-per-epoch", type=int, default=pairs_per_epoch,
+                   help="pairs drawn per epoch over all volumes")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help="global batch (divided among DDP processes)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "cpp", "triton"))
@@ -266,18 +432,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warn when the feature spread falls below this (1 = spread out, 0 = collapsed)")
     p.add_argument("--out", type=Path, default=Path("outputs"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--smoke", action="store_true", help="a few steps on tiny slices (for tests)")
+    p.add_argument("--smoke", action="store_true", help="a few steps on tiny inputs (for tests)")
     p.add_argument("--save-first-step", type=Path, help=argparse.SUPPRESS)  # DDP test: loss + gradients
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    p.add_argument("--axis", type=int, default=2, help="slicing axis of the RAS+ volume: 0 sag., 1 cor., 2 axial")
+    p.add_argument("--size", type=int, default=96, help="side of the square slices, a multiple of 16")
+    p.add_argument("--max-offset", type=int, default=3, help="largest slice distance of a pair")
+    p.add_argument("--slab", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="draw pairs only from slices at positions in [LOW, HIGH] (hold out the rest)")
+    p.add_argument("--window", type=parse_window, default=None, help="odd window size, or 'none' (dense)")
+    add_training_args(p, embed_dim=64, epochs=8, pairs_per_epoch=640, batch_size=16)
     return p
+
+
+def check_training_args(args) -> None:
+    """Reject bad values of the shared flags with a message naming the flag."""
+    for flag in ("epochs", "pairs_per_epoch", "batch_size", "embed_dim"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
 
 
 def check_args(args) -> None:
     """Reject bad values with a message naming the flag (argparse handles types and choices)."""
     if args.size < 16 or args.size % 16:
         raise SystemExit(f"--size must be a multiple of 16 (the U-Net halves it four times); got {args.size}")
-    for flag in ("epochs", "pairs_per_epoch", "batch_size", "embed_dim", "max_offset"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
+    check_training_args(args)
+    if args.max_offset < 1:
+        raise SystemExit(f"--max-offset must be >= 1; got {args.max_offset}")
     if args.window is not None and args.window > args.size // FEATURE_STRIDE:
         raise SystemExit(f"--window {args.window} is larger than the feature map "
                          f"({args.size // FEATURE_STRIDE} = size / {FEATURE_STRIDE})")
@@ -292,12 +477,8 @@ def pick_device(name: str) -> torch.device:
 def pretrain(args) -> Dict:
     """Run the pre-training described by ``args`` (see :func:`build_parser`); returns the checkpoint."""
     check_args(args)
-    rank, world, device = setup_distributed(pick_device(args.device))
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    main_process = rank == 0
-    log = print if main_process else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    run = start_run(args)
+    log, device = run.log, run.device
 
     paths = collect_paths(args.data)
     dataset = SlicePairDataset(
@@ -305,24 +486,15 @@ def pretrain(args) -> Dict:
         modality=args.modality, slab=tuple(args.slab) if args.slab else None, seed=args.seed,
         pairs_per_volume=max(1, math.ceil(args.pairs_per_epoch / len(paths))),
     )
-    # Every rank shuffles with the same seed and takes its share; with one process it is the same
-    # permutation, so the global batch of a step holds the same pairs whatever the process count.
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler, drop_last=True,
-                        num_workers=args.workers, persistent_workers=False)
-    if len(loader) == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(dataset)} pairs of an epoch")
+    sampler, loader = make_loader(dataset, args, run)
 
     unet = build_unet()
     encoder = SALEncoder(unet, args.embed_dim)
     initial_encoder = copy.deepcopy(encoder)
     criterion = sk.SALoss(args.embed_dim, window=args.window, symmetric=args.symmetric,
                           gp_weight=args.gp_weight, backend=args.backend)
-    model = SALPretrainer(encoder, criterion).to(device)
-    backend = sk.resolve_backend(args.backend, device)  # raises at once if a forced backend is missing
-    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    trainer = make_trainer(encoder, criterion, args, run)
+    backend = trainer.backend
 
     volumes = len(dataset.volumes)
     slices = sum(v.num_slices for v in dataset.volumes)
@@ -330,79 +502,31 @@ def pretrain(args) -> Dict:
         f"{args.axis}; features {args.embed_dim} x {args.size // FEATURE_STRIDE}^2; "
         f"{'dense' if args.window is None else f'window {args.window}'}, symmetric={args.symmetric}, "
         f"gp_weight={args.gp_weight}")
-    log(f"backend {backend} on {device} ({'DDP x %d, ' % world if world > 1 else ''}"
+    log(f"backend {backend} on {device} ({'DDP x %d, ' % run.world if run.world > 1 else ''}"
         f"{torch.get_num_threads()} threads); {len(loader)} steps of {args.batch_size} pairs per epoch")
 
-    from tqdm import tqdm
-
     args.out.mkdir(parents=True, exist_ok=True)
-    history: List[Dict] = []
-    for epoch in range(1, args.epochs + 1):
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        sums = torch.zeros(4, dtype=torch.float64)  # total, local, positional, spread^2
-        min_std, steps, start = math.inf, 0, time.perf_counter()
-        # disable=None: a bar on a terminal only, not in logs; one bar, on the first process.
-        bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
-                   disable=True if not main_process or args.no_progress else None)
-        for batch in bar:
-            masks = (batch["mask_a"].to(device), batch["mask_b"].to(device)) if "mask_a" in batch else (None, None)
-            out, feat_a = trained(batch["slice_a"].to(device), batch["slice_b"].to(device),
-                                  batch["pos_a"].to(device), batch["pos_b"].to(device), *masks)
-            optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
-            parts = torch.stack([global_mean(t, world) for t in out]).cpu()
-            if args.save_first_step is not None and steps == 0 and epoch == 1:
-                save_first_step(args.save_first_step, model, parts, main_process)
-            optimizer.step()
+    checkpoint_of = lambda history: {
+        "unet": unet.state_dict(), "embed": encoder.embed.state_dict(), "head": criterion.head.state_dict(),
+        "features": FEATURES, "args": jsonable(args), "history": history, "backend": backend}
+    history, checkpoint = run_epochs(args, run, trainer, dataset, sampler, loader,
+                                     inputs=("slice_a", "slice_b"), checkpoint_of=checkpoint_of,
+                                     path=args.out / "sal_pretrain.pt")
 
-            stds = feature_spread(feat_a, None if masks[0] is None else feature_mask(masks[0], feat_a.shape[-2:]))
-            sums += torch.cat([parts, stds.pow(2).sum().reshape(1).cpu()]).double()
-            min_std = min(min_std, float(stds.min()))
-            steps += 1
-            bar.set_postfix(loss=f"{float(parts[0]):.4f}")
-            if args.smoke and steps >= 2:
-                break
-        seconds = time.perf_counter() - start
-        mean = (sums / steps).tolist()
-        record = {"epoch": epoch, "total": mean[0], "local": mean[1], "positional": mean[2],
-                  "spread": math.sqrt(mean[3]), "min_channel_std": min_std, "channels": args.embed_dim,
-                  "pairs": steps * args.batch_size, "pairs_per_s": steps * args.batch_size / seconds,
-                  "seconds": seconds, "backend": backend}
-        history.append(record)
-        log(f"epoch {epoch:>3}/{args.epochs}  loss {record['total']:.4f} (local {record['local']:.4f}, "
-            f"positional {record['positional']:.4f})  spread {record['spread']:.3f}  "
-            f"{record['pairs_per_s']:.1f} pairs/s  backend {backend}")
-        if record["spread"] < args.collapse_threshold and main_process:
-            warnings.warn(f"feature collapse: spread {record['spread']:.3f} < {args.collapse_threshold} "
-                          "(all pixels get nearly the same feature; raise --gp-weight or lower --lr)",
-                          RuntimeWarning, stacklevel=1)
-        checkpoint = {"unet": unet.state_dict(), "embed": encoder.embed.state_dict(),
-                      "head": criterion.head.state_dict(), "features": FEATURES, "args": _jsonable(args),
-                      "history": history, "backend": backend}
-        if main_process:
-            torch.save(checkpoint, args.out / "sal_pretrain.pt")
-
-    if main_process:
+    if run.main_process:
         (args.out / "sal_history.json").write_text(json.dumps(history, indent=1))
         curves_picture(history, args.out / "sal_curves.png")
         encoder.eval(), initial_encoder.to(device).eval()
         matches = match_picture({"random init": initial_encoder, "after SAL": encoder}, dataset,
                                 args.out / "sal_matches.png", device, args.backend)
-        seconds = sum(h["seconds"] for h in history)
-        log(f"done: {len(history)} epochs in {seconds:.0f} s, {sum(h['pairs'] for h in history) / seconds:.1f} "
-            f"pairs/s with backend {backend}")
+        report_done(history, run)
         checkpoint["matches"] = matches
         torch.save(checkpoint, args.out / "sal_pretrain.pt")
         for title, st in matches.items():
             log(f"dense matches of a slice pair, {title}: mean shift {st['mean_shift_px']:.2f} px, "
                 f"{100 * st['within_one_cell']:.1f}% within one feature cell")
         log(f"wrote {args.out / 'sal_pretrain.pt'}, {args.out / 'sal_matches.png'}, {args.out / 'sal_curves.png'}")
-    if world > 1:
-        # Leave together: the first process writes pictures while the others would already be
-        # tearing gloo down, and a process group torn down at different times can hang.
-        dist.barrier()
-        dist.destroy_process_group()
+    end_run(run)
     return checkpoint
 
 
@@ -421,7 +545,8 @@ def save_first_step(path: Path, model: nn.Module, parts: torch.Tensor, main_proc
         torch.save({"loss": parts, "grads": grads}, path)
 
 
-def _jsonable(args) -> Dict:
+def jsonable(args) -> Dict:
+    """The flags as a plain dict (paths as strings), for the checkpoint."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 

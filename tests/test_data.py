@@ -1,4 +1,5 @@
-"""salign_kernels.data: reading NIfTI, intensity normalisation, slices, pair sampling, the dataset, errors."""
+"""salign_kernels.data: reading NIfTI, intensity normalisation, slices, sub-volumes, pair sampling, the
+datasets, errors."""
 
 from __future__ import annotations
 
@@ -17,10 +18,15 @@ from salign_kernels.data import (  # noqa: E402
     SAMPLE_IMAGE,
     SAMPLE_LABEL,
     SlicePairDataset,
+    SubVolumePairDataset,
+    crop_position,
     find_volumes,
+    load_normalized_volume,
     load_slices,
     load_volume,
     normalize_intensity,
+    resample_to_spacing,
+    sample_crop_pair,
     sample_pair,
     to_slices,
 )
@@ -312,6 +318,8 @@ def test_error_slab_leaves_too_few_slices(volume_file):
         ({"foreground_threshold": "high"}, TypeError, r"foreground_threshold must be a float or None"),
         ({"transform": 3}, TypeError, r"transform must be callable or None; got 3"),
         ({"pairs_per_volume": 0}, ValueError, r"pairs_per_volume must be >= 1; got 0"),
+        ({"seed": -1}, ValueError, r"seed must be >= 0; got -1"),
+        ({"ct_window": (5.0, 5.0)}, ValueError, r"ct_window must have low < high; got \(5.0, 5.0\)"),
     ],
 )
 def test_error_options_checked_before_reading(tmp_path, kwargs, error, match):
@@ -358,3 +366,243 @@ def test_imports_without_optional_packages(tmp_path, volume_file):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "needs the optional package 'nibabel'" in out and 'pip install "salign-kernels[data]"' in out
+
+
+# ------------------------------------------------------------------------------------------- sub-volumes
+def coord_volume(shape=(12, 10, 8)):
+    """A volume whose voxel value ``x + 20 y + 400 z`` says where it is."""
+    x, y, z = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    return (x + 20 * y + 400 * z).astype(np.float32)
+
+
+#: A CT window that maps coord_volume's values affinely into (0, 1), unclipped.
+COORD_WINDOW = (-1.0, 3999.0)
+
+
+def coord_value(corner):
+    """The normalised value of coord_volume's voxel at ``corner`` under COORD_WINDOW."""
+    x, y, z = (int(c) for c in corner)
+    return (x + 20 * y + 400 * z + 1.0) / 4000.0
+
+
+@pytest.fixture
+def coord_file(tmp_path):
+    return write_nifti(tmp_path / "coords.nii.gz", coord_volume())
+
+
+def coord_dataset(path, **kwargs):
+    return SubVolumePairDataset(path, modality="ct", ct_window=COORD_WINDOW, **kwargs)
+
+
+def test_crop_pair_geometry_and_offsets():
+    """Both crops inside; |d| <= max_offset per axis; d != 0; every allowed offset, uniformly."""
+    rng = np.random.default_rng(0)
+    shape, crop, max_offset = (30, 30, 30), (10, 10, 10), (1, 2, 0)
+    pairs = np.array([sample_crop_pair(shape, crop, max_offset, rng) for _ in range(5000)])  # (n, 2, 3)
+    a, b = pairs[:, 0], pairs[:, 1]
+    assert ((a >= 0) & (b >= 0) & (a <= 20) & (b <= 20)).all()
+    d = b - a
+    assert (np.abs(d) <= max_offset).all() and d.any(axis=1).all() and not d[:, 2].any()
+    assert {tuple(np.unique(a[:, k])) for k in range(3)} == {tuple(range(21))}  # every corner is drawn
+    interior = ((a[:, 0] >= 1) & (a[:, 0] <= 19) & (a[:, 1] >= 2) & (a[:, 1] <= 18))
+    counts = collections.Counter(map(tuple, d[interior].tolist()))
+    assert len(counts) == 3 * 5 - 1  # the box minus the zero vector
+    assert max(counts.values()) / min(counts.values()) < 1.4
+
+
+def test_crop_pair_at_the_borders():
+    """With one voxel of room the offset points inward: +1 from corner 0, -1 from corner 1."""
+    rng = np.random.default_rng(1)
+    pairs = {sample_crop_pair((5, 4, 4), (4, 4, 4), (3, 3, 3), rng) for _ in range(100)}
+    assert pairs == {((0, 0, 0), (1, 0, 0)), ((1, 0, 0), (0, 0, 0))}
+
+
+def test_crop_pair_errors():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"crop \(4, 11, 4\) is larger than the volume \(10, 10, 10\)"):
+        sample_crop_pair((10, 10, 10), (4, 11, 4), (1, 1, 1), rng)
+    with pytest.raises(ValueError, match=r"leaves no room for an offset in a volume of \(10, 10, 12\)"):
+        sample_crop_pair((10, 10, 12), (10, 10, 4), (1, 1, 0), rng)
+
+
+def test_crop_position_exact():
+    assert crop_position((0, 0, 0), (5, 5, 5), (21, 11, 5)).tolist() == pytest.approx([0.1, 0.2, 0.5])
+    assert crop_position((16, 6, 0), (5, 5, 5), (21, 11, 5)).tolist() == pytest.approx([0.9, 0.8, 0.5])
+    # A crop of one voxel is at the slice position i / (n - 1); an axis of one voxel is at 0.
+    assert crop_position((3, 0, 0), (1, 1, 1), (7, 1, 2)).tolist() == pytest.approx([0.5, 0.0, 0.0])
+    assert crop_position((1, 2, 3), (2, 2, 2), (8, 8, 8)).dtype == np.float32
+
+
+def test_subvolume_items(coord_file):
+    dataset = coord_dataset(coord_file, crop_size=(4, 3, 5), max_offset=(2, 1, 3), pairs_per_volume=50)
+    assert len(dataset) == 50
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["crop_a"].shape == (1, 4, 3, 5) and item["crop_a"].dtype == torch.float32
+        assert item["pos_a"].shape == (3,) and item["pos_a"].dtype == torch.float32
+        a, b = item["corner_a"], item["corner_b"]
+        assert a.dtype == torch.int64 and a.shape == (3,)
+        d = (b - a).abs()
+        assert (d <= torch.tensor([2, 1, 3])).all() and d.any()
+        crop, shape = torch.tensor([4, 3, 5]), torch.tensor([12, 10, 8])
+        for corner in (a, b):
+            assert (corner >= 0).all() and (corner + crop <= shape).all()
+        # The crops hold the voxels at their corners: coord_volume's values say where they come from.
+        for key, corner in (("crop_a", a), ("crop_b", b)):
+            assert item[key][0, 0, 0, 0].item() == pytest.approx(coord_value(corner), abs=1e-6)
+            last = coord_value(corner + crop - 1)
+            assert item[key][0, -1, -1, -1].item() == pytest.approx(last, abs=1e-6)
+        # Positions: the crop centres, normalised per axis by (n - 1).
+        expected = (a.double() + torch.tensor([1.5, 1.0, 2.0])) / torch.tensor([11.0, 9.0, 7.0])
+        torch.testing.assert_close(item["pos_a"].double(), expected, atol=1e-6, rtol=0)
+        assert item["volume"] == 0 and "mask_a" not in item
+
+
+def test_subvolume_masks(coord_file):
+    dataset = coord_dataset(coord_file, crop_size=6, max_offset=2, foreground_threshold=0.5)
+    assert len(dataset) == 2 * 2 * 2  # the default: the crops it takes to tile the volume
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["mask_a"].shape == (6, 6, 6) and item["mask_b"].dtype == torch.bool
+        # Values above 0.5 are the voxels with z >= 5: part of every crop, never all of it.
+        assert 0 < item["mask_a"].float().mean() < 1
+        torch.testing.assert_close(item["mask_a"], item["crop_a"][0] > 0.5)
+        torch.testing.assert_close(item["mask_b"], item["crop_b"][0] > 0.5)
+
+
+def test_subvolume_deterministic_per_epoch_and_seed(coord_file):
+    corners = lambda ds: [tuple(ds[k]["corner_a"].tolist() + ds[k]["corner_b"].tolist()) for k in range(40)]
+    dataset = coord_dataset(coord_file, crop_size=4, pairs_per_volume=40, seed=3)
+    first = corners(dataset)
+    assert first == corners(dataset)
+    dataset.set_epoch(1)
+    assert first != corners(dataset)
+    dataset.set_epoch(0)
+    assert first == corners(dataset)
+    assert first != corners(coord_dataset(coord_file, crop_size=4, pairs_per_volume=40, seed=4))
+
+
+def test_subvolume_in_dataloader_with_workers(coord_file):
+    """Workers draw the same pairs as the main process; a batch of positions is (B, 3)."""
+    dataset = coord_dataset(coord_file, crop_size=4, pairs_per_volume=12, foreground_threshold=0.3)
+    dataset.set_epoch(2)
+    batches = [list(torch.utils.data.DataLoader(dataset, batch_size=6, num_workers=n)) for n in (0, 2)]
+    assert batches[0][0]["crop_a"].shape == (6, 1, 4, 4, 4) and batches[0][0]["pos_a"].shape == (6, 3)
+    assert batches[0][0]["mask_b"].shape == (6, 4, 4, 4) and batches[0][0]["corner_a"].shape == (6, 3)
+    for main, worker in zip(*batches):
+        for key in ("crop_a", "crop_b", "pos_a", "pos_b", "corner_a", "corner_b", "mask_a", "volume"):
+            torch.testing.assert_close(main[key], worker[key])
+
+
+def test_subvolume_folder_and_transform(tmp_path):
+    write_nifti(tmp_path / "a.nii.gz", coord_volume((12, 10, 8)))
+    (tmp_path / "b").mkdir()
+    write_nifti(tmp_path / "b" / "c.nii", coord_volume((6, 6, 6)))
+    seen = []
+    dataset = coord_dataset(tmp_path, crop_size=5, pairs_per_volume=30,
+                            transform=lambda item: seen.append(1) or {**item, "tag": 1})
+    assert len(dataset) == 60 and [v.shape for v in dataset.volumes] == [(12, 10, 8), (6, 6, 6)]
+    items = [dataset[k] for k in range(len(dataset))]
+    assert len(seen) == 60 and all(item["tag"] == 1 for item in items)
+    assert [item["volume"] for item in items] == [0] * 30 + [1] * 30
+    assert all((item["corner_b"] <= 1).all() for item in items[30:])  # 6 - 5: one voxel of room
+
+
+def test_resample_to_spacing():
+    array = coord_volume((12, 10, 8))
+    # 1 mm -> 2 mm on axes 0 and 1 (box averages of two voxels), 1 -> 0.5 mm on axis 2 (trilinear).
+    out, spacing = resample_to_spacing(array, (1.0, 1.0, 1.0), (2.0, 2.0, 0.5))
+    assert out.shape == (6, 5, 16) and out.dtype == np.float32 and spacing == (2.0, 2.0, 0.5)
+    # coord_volume is linear, so both steps are exact: pairs of voxels average to their midpoint, and
+    # voxel i of the finer axis 2 sits at source index i / 2 - 1/4 (clamped at the ends).
+    k, l, i = np.meshgrid(np.arange(6), np.arange(5), np.arange(16), indexing="ij")
+    expected = (2 * k + 0.5) + 20 * (2 * l + 0.5) + 400 * np.clip(i / 2 - 0.25, 0, 7)
+    np.testing.assert_allclose(out, expected, atol=1e-3)
+    # The field of view is kept: 3 voxels of 2.5 mm (7.5 mm) -> 4 voxels of 1.875 mm for a 2 mm target.
+    assert resample_to_spacing(np.ones((3, 3, 3)), (2.5,) * 3, (2.0,) * 3)[1] == (1.875,) * 3
+    same, _ = resample_to_spacing(array, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(same, array)
+
+
+def test_subvolume_spacing_resamples(tmp_path):
+    """A volume stored at (1, 1, 2) mm, resampled to 1 mm: twice as many voxels along axis 2."""
+    path = write_nifti(tmp_path / "aniso.nii.gz", ramp_volume((12, 10, 8)), spacing=(1.0, 1.0, 2.0))
+    dataset = SubVolumePairDataset(path, crop_size=8, spacing=1.0)
+    assert dataset.volumes[0].shape == (12, 10, 16) and dataset.volumes[0].spacing == (1.0, 1.0, 1.0)
+    direct = load_normalized_volume(path, spacing=(1, 1, 1))
+    np.testing.assert_array_equal(direct.image, dataset.volumes[0].image)
+    assert load_normalized_volume(path).shape == (12, 10, 8)  # no spacing: the file's grid
+
+
+def test_subvolume_bundled_sample():
+    dataset = SubVolumePairDataset(SAMPLE_IMAGE, crop_size=32, spacing=3.0, foreground_threshold=0.05)
+    volume = dataset.volumes[0]
+    assert volume.shape == (51, 63, 53) and volume.modality == "mr"
+    assert volume.spacing == pytest.approx((3.0, 3.0, 3.0), abs=0.02)
+    assert len(dataset) == 8
+    item = dataset[0]
+    assert item["crop_a"].shape == (1, 32, 32, 32) and 0.2 < item["mask_a"].float().mean() < 1.0
+
+
+def test_subvolume_index_out_of_range(coord_file):
+    dataset = coord_dataset(coord_file, crop_size=4, pairs_per_volume=3)
+    assert dataset[-3]["corner_a"].tolist() == dataset[0]["corner_a"].tolist()
+    with pytest.raises(IndexError, match="index 3 is out of range for a dataset of 3 pairs"):
+        dataset[3]
+
+
+def test_subvolume_crop_larger_than_volume(coord_file):
+    message = r"crop_size \(4, 11, 4\) is larger than the volume: '.*coords\.nii\.gz' has shape \(12, 10, 8\)"
+    with pytest.raises(ValueError, match=message + "; give a smaller crop_size"):
+        coord_dataset(coord_file, crop_size=(4, 11, 4))
+    # After resampling to 2 mm the volume is (6, 5, 4): a crop of 6 no longer fits.
+    with pytest.raises(ValueError, match=r"has shape \(6, 5, 4\) on the \(2.0, 2.0, 2.0\) mm grid"):
+        coord_dataset(coord_file, crop_size=6, spacing=2.0)
+
+
+def test_subvolume_no_room_for_an_offset(coord_file):
+    with pytest.raises(ValueError, match=r"crop_size \(12, 10, 4\) with max_offset \(3, 3, 0\) leaves no"):
+        coord_dataset(coord_file, crop_size=(12, 10, 4), max_offset=(3, 3, 0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"crop_size": 0}, ValueError, r"crop_size must be >= 1; got 0"),
+        ({"crop_size": 2.5}, TypeError, r"crop_size must be an int or a tuple of 3 ints \(one.*got 2.5"),
+        ({"crop_size": (4, 4)}, ValueError, r"crop_size must have one entry per axis \(3\); got \(4, 4\)"),
+        ({"crop_size": (4, 0, 4)}, ValueError, r"crop_size must be >= 1 on every axis; got \(4, 0, 4\)"),
+        ({"crop_size": (4, True, 4)}, TypeError, r"crop_size must be an int or a tuple of 3 ints"),
+        ({"max_offset": 0}, ValueError, r"max_offset must be >= 1; got 0"),
+        ({"max_offset": (0, 0, 0)}, ValueError, r"max_offset must be >= 1 on at least one axis; got \(0, 0"),
+        ({"max_offset": (1, -1, 1)}, ValueError, r"max_offset must be >= 0 on every axis; got \(1, -1, 1\)"),
+        ({"max_offset": "2"}, TypeError, r"max_offset must be an int or a tuple of 3 ints"),
+        ({"spacing": 0.0}, ValueError, r"spacing must be > 0 \(mm\) on every axis; got 0.0"),
+        ({"spacing": (1.0, float("nan"), 1.0)}, ValueError, r"spacing must be > 0 \(mm\) on every axis"),
+        ({"spacing": (1.0, 2.0)}, ValueError, r"spacing must have one entry per axis \(3\); got \(1.0, 2"),
+        ({"spacing": "fine"}, TypeError, r"spacing must be None, a number or a tuple of 3 numbers.*'fine'"),
+        ({"foreground_threshold": "h"}, TypeError, r"foreground_threshold must be a float or None; got 'h'"),
+        ({"modality": "xray"}, ValueError, r"modality must be one of \('auto', 'ct', 'mr'\); got 'xray'"),
+        ({"mr_percentiles": (1.0, 101.0)}, ValueError, r"mr_percentiles must lie in \[0, 100\]"),
+        ({"pairs_per_volume": 0}, ValueError, r"pairs_per_volume must be >= 1; got 0"),
+        ({"seed": 1.5}, TypeError, r"seed must be an int; got 1.5"),
+        ({"seed": -1}, ValueError, r"seed must be >= 0; got -1"),
+        ({"transform": 3}, TypeError, r"transform must be callable or None; got 3"),
+    ],
+)
+def test_subvolume_options_checked_before_reading(tmp_path, kwargs, error, match):
+    """Bad options raise at once, even before the (here missing) file would be read."""
+    with pytest.raises(error, match=match):
+        SubVolumePairDataset(tmp_path / "never_read.nii.gz", **kwargs)
+
+
+def test_subvolume_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"image file not found: '.*missing\.nii\.gz'"):
+        SubVolumePairDataset(tmp_path / "missing.nii.gz")
+    with pytest.raises(FileNotFoundError, match=r"no NIfTI files"):
+        SubVolumePairDataset(tmp_path)
+    with pytest.raises(ValueError, match="data is an empty sequence"):
+        SubVolumePairDataset([])
+    path = write_nifti(tmp_path / "flat.nii.gz", np.zeros((10, 12), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"flat\.nii\.gz' has shape \(10, 12\).*this is a 2D image"):
+        SubVolumePairDataset(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import pretrain_sal  # noqa: E402
+import pretrain_sal3d  # noqa: E402
 
 
-def run_script(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+#: One thread per process: on shared cores, two OpenMP threads of small 3D convolutions that wait
+#: on each other run several times slower than one (the DDP test does the same).
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_script(script: str, *args: str, check: bool = True, env=None) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
+                            cwd=ROOT, timeout=600, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -127,3 +142,142 @@ def test_sal_encoder_shapes_and_gradients():
         assert all(g is not None and g.abs().sum() > 0 for g in grads), block
     # The blocks are the U-Net's own: training the encoder trains the U-Net; the decoder is not held.
     assert encoder.down_4 is unet.down_4 and not any(n.startswith("upcat") for n, _ in encoder.named_modules())
+
+
+def test_feature_mask_and_spread_3d():
+    mask = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+    mask[0, 5, 2, 7] = True
+    grid = pretrain_sal.feature_mask(mask, (2, 2, 2))
+    assert grid.shape == (1, 2, 2, 2) and grid.sum() == 1 and grid[0, 1, 0, 1]
+    spread = lambda x, m=None: float(pretrain_sal.feature_spread(x, m).pow(2).sum().sqrt())
+    assert spread(torch.ones(2, 16, 3, 4, 5)) < 1e-3 and 0.9 < spread(torch.randn(2, 16, 6, 6, 6)) <= 1.0
+    half = torch.cat([torch.randn(2, 16, 3, 6, 6), torch.ones(2, 16, 3, 6, 6)], dim=2)
+    upper = torch.zeros(2, 6, 6, 6, dtype=torch.bool)
+    upper[:, :3] = True
+    assert spread(half) < 0.9 < spread(half, upper)
+
+
+def test_sal_encoder_3d_shapes_and_gradients(one_thread):
+    unet = pretrain_sal.build_unet(features=pretrain_sal3d.FEATURES, spatial_dims=3)
+    encoder = pretrain_sal.SALEncoder(unet, embed_dim=4)
+    assert encoder.spatial_dims == 3 and isinstance(encoder.embed, torch.nn.Conv3d)
+    features = encoder(torch.rand(2, 1, 32, 32, 16))
+    assert features.shape == (2, 4, 8, 8, 4)
+    features.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.down_4.parameters())
+
+
+# ------------------------------------------------------------------------------------------- 3D example
+def test_pretrain3d_smoke(tmp_path):
+    out = run_script("pretrain_sal3d.py", "--smoke", "--out", str(tmp_path), env=ONE_THREAD).stdout
+    backend = sk.resolve_backend("auto", "cpu")
+    assert "SAL 3D pre-training: 1 volume(s) of 51x63x53 (3.0/3.0/3.0 mm voxels); crops 32x32x32" in out
+    assert f"backend {backend} on cpu" in out and f"pairs/s  backend {backend}" in out
+    assert "epoch   1/1  loss" in out and "(local " in out and "positional " in out and "spread" in out
+    assert "dense matches of a sub-volume pair, after SAL: mean shift" in out
+    for name in ("sal3d_pretrain.pt", "sal3d_matches.png", "sal3d_curves.png", "sal3d_history.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "sal3d_matches.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoint = torch.load(tmp_path / "sal3d_pretrain.pt", weights_only=False)
+    assert {"unet", "embed", "head", "args", "history", "backend", "matches"} <= set(checkpoint)
+    assert checkpoint["backend"] == backend and checkpoint["args"]["crop"] == (32, 32, 32)
+    assert set(checkpoint["matches"]["after SAL"]) == {"mean_shift_mm", "nearest_cell", "same_cell_in_crop"}
+    unet = pretrain_sal.build_unet(features=checkpoint["features"], spatial_dims=3)
+    unet.load_state_dict(checkpoint["unet"])  # the full 3D U-Net, ready for fine-tuning
+    assert checkpoint["head"]["mlp.2.weight"].shape[0] == 3  # the positional head predicts 3 offsets
+    history = json.loads((tmp_path / "sal3d_history.json").read_text())
+    assert history[0]["pairs"] == 4 and history[0]["pairs_per_s"] > 0 and np.isfinite(history[0]["total"])
+
+
+def test_pretrain3d_knobs(tmp_path, capsys, one_thread):
+    """Per-axis crop, offsets and window, one direction, no masks, the reference backend, a folder."""
+    data = tmp_path / "scans"
+    data.mkdir()
+    from salign_kernels.data import SAMPLE_IMAGE
+
+    (data / "copy.nii.gz").write_bytes(SAMPLE_IMAGE.read_bytes())
+    pretrain_sal3d.main(["--smoke", "--data", str(data), "--crop", "32", "32", "16",
+                         "--max-offset", "3", "3", "0", "--spacing", "none", "--window", "1", "3", "3",
+                         "--no-symmetric", "--fg-threshold", "none", "--backend", "reference",
+                         "--device", "cpu", "--gp-weight", "0.5", "--no-progress",
+                         "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert "76x94x80 (the files' grids); crops 32x32x16, offsets up to (3, 3, 0); features 8 x 8x8x4" in out
+    assert "window (1, 3, 3), symmetric=False, gp_weight=0.5" in out and "backend reference on cpu" in out
+    assert (tmp_path / "o" / "sal3d_matches.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "flags, error, message",
+    [
+        (["--crop", "40"], SystemExit, r"--crop must be multiples of 16, at least one of them >= 32"),
+        (["--crop", "16"], SystemExit, r"--crop must be multiples of 16.*got \(16, 16, 16\)"),
+        (["--crop", "32", "32"], SystemExit, r"--crop takes one value \(every axis\) or three .*got 32 32"),
+        (["--max-offset", "0"], SystemExit, r"--max-offset must be >= 1 on at least one axis; got \(0, 0"),
+        (["--max-offset", "2", "-1", "2"], SystemExit, r"--max-offset must be >= 0 on every axis; got 2 -1"),
+        (["--spacing", "0"], SystemExit, r"--spacing must be > 0 mm; got \(0.0, 0.0, 0.0\)"),
+        (["--spacing", "2", "-1", "2"], SystemExit, r"--spacing must be > 0 mm; got \(2.0, -1.0, 2.0\)"),
+        (["--window", "9"], SystemExit, r"--window \(9, 9, 9\) is larger than the feature map \(8, 8, 8\)"),
+        (["--window", "3", "none"], SystemExit, r"--window takes one value .* or none; got 3 None"),
+        (["--epochs", "0"], SystemExit, r"--epochs must be >= 1; got 0"),
+        (["--window", "4"], ValueError, r"window must be odd in sliding mode"),
+        (["--crop", "64", "--spacing", "4"], ValueError, r"crop_size \(64, 64, 64\) is larger than the"),
+        (["--data", "no/such/file.nii.gz"], FileNotFoundError, r"image file not found: 'no/such/file\.nii"),
+    ],
+)
+def test_pretrain3d_bad_flags(tmp_path, flags, error, message):
+    with pytest.raises(error, match=message):
+        pretrain_sal3d.main([*flags, "--out", str(tmp_path)])
+    assert not (tmp_path / "sal3d_pretrain.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--crop", "x"], "argument --crop: not an int: 'x'"),
+    (["--spacing", "fine"], "argument --spacing: not a number: 'fine'"),
+    (["--backend", "fastest"], "invalid choice: 'fastest'"),
+])
+def test_pretrain3d_bad_flag_types(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        pretrain_sal3d.main([*flags, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+
+
+def coord_dataset(tmp_path):
+    """A (40, 40, 40) volume whose normalised value encodes its voxel: x + 40 y + 1600 z over 64001."""
+    nib = pytest.importorskip("nibabel")
+    from salign_kernels.data import SubVolumePairDataset
+
+    x, y, z = np.meshgrid(*(np.arange(40),) * 3, indexing="ij")
+    path = tmp_path / "coords.nii.gz"
+    nib.save(nib.Nifti1Image((x + 40 * y + 1600 * z).astype(np.float32), np.eye(4)), str(path))
+    return SubVolumePairDataset(path, crop_size=32, max_offset=4, modality="ct", ct_window=(-1.0, 64000.0),
+                                foreground_threshold=0.0)
+
+
+def test_match_picture_metrics(tmp_path):
+    """The picture's numbers tell matches of the anatomy from matches of the place in the crop."""
+    dataset = coord_dataset(tmp_path)
+    assert pretrain_sal3d.picture_pair(dataset) == ((4, 4, 4), (8, 8, 8))  # centred, then + max_offset
+
+    def anatomy(crops):
+        """Each feature cell's (first) voxel, decoded from its value: features that follow the anatomy."""
+        value = (crops[:, 0, ::4, ::4, ::4].double() * 64001 - 1).round()
+        coords = torch.stack([value % 40, (value // 40) % 40, value // 1600], dim=1)  # (B, 3, 8, 8, 8)
+        angle = coords * (torch.pi / 64)  # below pi: nearer voxels are more similar on every axis
+        return torch.cat([angle.cos(), angle.sin()], dim=1).float()
+
+    place = torch.randn(1, 6, 8, 8, 8)
+    encoders = {"anatomy": anatomy, "place in crop": lambda crops: place.expand(len(crops), -1, -1, -1, -1)}
+    stats = pretrain_sal3d.match_picture(encoders, dataset, tmp_path / "m.png", "cpu", "auto")
+    assert (tmp_path / "m.png").stat().st_size > 0
+    # Crop b starts one cell (4 voxels) further on every axis: the queries of crop a's last 7 cells per
+    # axis have their anatomy in crop b; the others are matched one cell short on the axes where they
+    # fall outside.
+    assert stats["anatomy"]["nearest_cell"] == pytest.approx(7**3 / 8**3)
+    # Only the corner query, one cell short on every axis, lands on its own cell of crop b.
+    assert stats["anatomy"]["same_cell_in_crop"] == pytest.approx(1 / 8**3)
+    shifts = [4.0 * np.sqrt(k) for k in range(4)]  # 0 to 3 axes one cell short
+    expected = sum(n * s for n, s in zip((343, 3 * 49, 3 * 7, 1), shifts)) / 512
+    assert stats["anatomy"]["mean_shift_mm"] == pytest.approx(expected, rel=1e-5)
+    assert stats["place in crop"] == pytest.approx(
+        {"mean_shift_mm": 4.0 * np.sqrt(3), "nearest_cell": 0.0, "same_cell_in_crop": 1.0})

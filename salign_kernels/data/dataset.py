@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import bisect
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from .intensity import CT_WINDOW, MODALITIES, MR_PERCENTILES, normalize_intensity
-from .io import PathLike, find_volumes, load_volume
+from ._checks import check_int, check_threshold
+from ._pairs import PairDataset
+from .intensity import CT_WINDOW, MR_PERCENTILES, check_intensity_options
+from .io import PathLike, load_volume, volume_paths
 from .slices import check_axis, sample_pair, to_slices
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return int(value)
+from .volumes import load_normalized_volume
 
 
 @dataclass(frozen=True)
@@ -82,41 +73,23 @@ def load_slices(
             differs from the image's, a bad ``size`` or ``modality``.
     """
     axis = check_axis(axis)
-    size = _check_int(size, "size", 1)
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}; got {modality!r}")
-    volume = load_volume(path, canonical=canonical)
-    array, used = normalize_intensity(volume.array, modality, ct_window=ct_window, mr_percentiles=mr_percentiles)
-    images = to_slices(array, axis, size, volume.spacing)
+    size = check_int(size, "size", 1)
+    volume = load_normalized_volume(path, modality=modality, ct_window=ct_window,
+                                    mr_percentiles=mr_percentiles, canonical=canonical)
+    images = to_slices(volume.image, axis, size, volume.spacing)
     labels = None
     if label_path is not None:
         label = load_volume(label_path, canonical=canonical, dtype=np.float32)
-        if label.array.shape != volume.array.shape:
+        if label.array.shape != volume.shape:
             raise ValueError(
                 f"label_path '{label_path}' has shape {label.array.shape}, the image '{path}' has "
-                f"{volume.array.shape}: they must share one voxel grid"
+                f"{volume.shape}: they must share one voxel grid"
             )
         labels = to_slices(label.array, axis, size, volume.spacing, labels=True)
-    return SliceStack(images=images, labels=labels, path=volume.path, modality=used)
+    return SliceStack(images=images, labels=labels, path=volume.path, modality=volume.modality)
 
 
-def _as_paths(data) -> List[Path]:
-    """A folder (searched recursively), one file, or a sequence of files -> the list of files."""
-    if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if path.is_dir():
-            return find_volumes(path)
-        return [path]  # a missing file raises in load_volume, naming it
-    try:
-        paths = [Path(p) for p in data]
-    except TypeError:
-        raise TypeError(f"data must be a folder, a file or a sequence of files; got {data!r}") from None
-    if not paths:
-        raise ValueError("data is an empty sequence: give at least one NIfTI file")
-    return paths
-
-
-class SlicePairDataset(Dataset):
+class SlicePairDataset(PairDataset):
     """Random pairs of nearby slices of NIfTI volumes, for self-supervised alignment pre-training.
 
     Every volume is read once, normalised per volume (CT: HU window; MR: percentile scaling), cut
@@ -140,7 +113,7 @@ class SlicePairDataset(Dataset):
         slab: ``(low, high)`` in [0, 1]: draw both slices among those whose position
             ``i / (D - 1)`` lies in ``[low, high]`` (to hold out a distant slab).
         pairs_per_volume: items per volume per epoch.
-        seed: base seed of the pair sampling.
+        seed: base seed of the pair sampling (>= 0).
         transform: a callable applied to each item dict (e.g. MONAI dictionary transforms).
 
     Item (a dict; the default collate stacks a batch):
@@ -152,7 +125,9 @@ class SlicePairDataset(Dataset):
     Raises:
         FileNotFoundError: a missing file, or a folder without NIfTI files.
         ValueError: an unreadable or non-3D file, ``axis`` out of range, a volume with fewer than two
-            slices (in ``slab``), bad ``size``, ``max_offset``, ``slab`` or ``modality``.
+            slices (in ``slab``), bad ``size``, ``max_offset``, ``slab``, ``seed``, ``modality``,
+            ``ct_window`` or ``mr_percentiles`` (the options are checked before any file is read).
+        TypeError: an option of the wrong type.
 
     Example:
         >>> dataset = SlicePairDataset("scans/", size=96, foreground_threshold=0.05)
@@ -177,25 +152,17 @@ class SlicePairDataset(Dataset):
         mr_percentiles: Tuple[float, float] = MR_PERCENTILES,
     ) -> None:
         # Every option is checked before any file is read, so a typo fails at once.
+        super().__init__(seed, transform)
         self.axis = check_axis(axis)
-        self.size = _check_int(size, "size", 1)
-        self.max_offset = _check_int(max_offset, "max_offset", 1)
+        self.size = check_int(size, "size", 1)
+        self.max_offset = check_int(max_offset, "max_offset", 1)
         if pairs_per_volume is not None:
-            pairs_per_volume = _check_int(pairs_per_volume, "pairs_per_volume", 1)
-        if foreground_threshold is not None:
-            if isinstance(foreground_threshold, bool) or not isinstance(foreground_threshold, (int, float)):
-                raise TypeError(f"foreground_threshold must be a float or None; got {foreground_threshold!r}")
-            foreground_threshold = float(foreground_threshold)
-        if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}; got {modality!r}")
-        if slab is not None:
-            slab = self._check_slab(slab)
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable or None; got {transform!r}")
-        self.foreground_threshold, self.slab, self.seed = foreground_threshold, slab, int(seed)
-        self.transform, self.epoch = transform, 0
+            pairs_per_volume = check_int(pairs_per_volume, "pairs_per_volume", 1)
+        self.foreground_threshold = check_threshold(foreground_threshold)
+        check_intensity_options(modality, ct_window, mr_percentiles)
+        self.slab = None if slab is None else self._check_slab(slab)
 
-        self.paths = _as_paths(data)
+        self.paths = volume_paths(data)
         self.volumes: List[SliceStack] = []
         self.ranges: List[Tuple[int, int]] = []  # allowed (first, last) slice per volume
         for path in self.paths:
@@ -203,8 +170,7 @@ class SlicePairDataset(Dataset):
                                 ct_window=ct_window, mr_percentiles=mr_percentiles)
             self.ranges.append(self._slice_range(stack, path))
             self.volumes.append(stack)
-        counts = [pairs_per_volume or (last - first + 1) for first, last in self.ranges]
-        self._ends = np.cumsum(counts).tolist()  # volume v owns indices [ends[v-1], ends[v])
+        self._own([pairs_per_volume or (last - first + 1) for first, last in self.ranges])
 
     @staticmethod
     def _check_slab(slab) -> Tuple[float, float]:
@@ -235,20 +201,8 @@ class SlicePairDataset(Dataset):
             )
         return first, last
 
-    def set_epoch(self, epoch: int) -> None:
-        """Draw new pairs: the pairs of an epoch depend on ``(seed, epoch, index)`` only."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self._ends[-1]
-
-    def __getitem__(self, index: int) -> Dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} is out of range for a dataset of {len(self)} pairs")
-        index = int(index) % len(self)
-        v = bisect.bisect_right(self._ends, index)
+    def _draw(self, v: int, rng: np.random.Generator) -> Dict:
         stack = self.volumes[v]
-        rng = np.random.default_rng((self.seed, self.epoch, index))
         i, j = sample_pair(stack.num_slices, self.max_offset, rng, self.ranges[v])
         item = {
             "slice_a": torch.from_numpy(stack.images[i][None].copy()),
@@ -262,4 +216,4 @@ class SlicePairDataset(Dataset):
         if self.foreground_threshold is not None:
             item["mask_a"] = torch.from_numpy(stack.images[i] > self.foreground_threshold)
             item["mask_b"] = torch.from_numpy(stack.images[j] > self.foreground_threshold)
-        return self.transform(item) if self.transform is not None else item
+        return item

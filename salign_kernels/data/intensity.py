@@ -38,6 +38,28 @@ def _check_range(value, name: str) -> Tuple[float, float]:
     return low, high
 
 
+def check_intensity_options(
+    modality: str, ct_window: Tuple[float, float], mr_percentiles: Tuple[float, float]
+) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+    """The checks of :func:`normalize_intensity`'s options, for callers that check before reading.
+
+    Returns:
+        ``(ct_window, mr_percentiles)`` as pairs of floats.
+
+    Raises:
+        ValueError: unknown ``modality``; a window or percentile pair that is not increasing, or
+            percentiles outside [0, 100].
+        TypeError: a window or percentile pair that is not two numbers.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}; got {modality!r}")
+    window = _check_range(ct_window, "ct_window")
+    percentiles = _check_range(mr_percentiles, "mr_percentiles")
+    if not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
+        raise ValueError(f"mr_percentiles must lie in [0, 100]; got {mr_percentiles!r}")
+    return window, percentiles
+
+
 def normalize_intensity(
     array: np.ndarray,
     modality: str = "auto",
@@ -61,12 +83,7 @@ def normalize_intensity(
     Raises:
         ValueError: unknown ``modality``; a window or percentile pair that is not increasing.
     """
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}; got {modality!r}")
-    low, high = _check_range(ct_window, "ct_window")
-    p_low, p_high = _check_range(mr_percentiles, "mr_percentiles")
-    if not 0.0 <= p_low < p_high <= 100.0:
-        raise ValueError(f"mr_percentiles must lie in [0, 100]; got {mr_percentiles!r}")
+    (low, high), (p_low, p_high) = check_intensity_options(modality, ct_window, mr_percentiles)
     if modality == "auto":
         modality = detect_modality(array)
     if modality == "mr":

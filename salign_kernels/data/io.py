@@ -1,11 +1,11 @@
-"""Reading NIfTI volumes: one file -> a 3D array with its voxel spacing, and a folder -> its files."""
+"""Reading NIfTI volumes: one file -> a 3D array with its voxel spacing; a folder or a list -> its files."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -96,3 +96,25 @@ def find_volumes(folder: PathLike) -> List[Path]:
     if not files:
         raise FileNotFoundError(f"no NIfTI files ({', '.join('*' + s for s in NIFTI_SUFFIXES)}) in '{folder}'")
     return files
+
+
+def volume_paths(data: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
+    """The files a dataset reads: a folder (searched recursively), one file, or a sequence of files.
+
+    A missing file is not reported here but by :func:`load_volume`, which names it.
+
+    Raises:
+        FileNotFoundError: a folder without NIfTI files.
+        TypeError: ``data`` is none of these.
+        ValueError: an empty sequence.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        return find_volumes(path) if path.is_dir() else [path]
+    try:
+        paths = [Path(p) for p in data]
+    except TypeError:
+        raise TypeError(f"data must be a folder, a file or a sequence of files; got {data!r}") from None
+    if not paths:
+        raise ValueError("data is an empty sequence: give at least one NIfTI file")
+    return paths
