@@ -123,8 +123,8 @@ def chunked_dense_match(feat_a, feat_b, mask_a=None, mask_b=None, normalize=True
     """
     B, N = feat_a.shape[0], math.prod(feat_a.shape[2:])
     with torch.autocast(feat_a.device.type, enabled=False):
-        xa = reference.prepare_features(feat_a, normalize).flatten(2).transpose(1, 2)  # (B, N, C)
-        xb = reference.prepare_features(feat_b, normalize).flatten(2)  # (B, C, N)
+        xa = reference.prepare_features(feat_a, normalize, mask_a).flatten(2).transpose(1, 2)  # (B, N, C)
+        xb = reference.prepare_features(feat_b, normalize, mask_b).flatten(2)  # (B, C, N)
         candidates = None if mask_b is None else mask_b.reshape(B, 1, N)
         values, indices = [], []
         for start in range(0, N, chunk):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from ._numerics import accumulation_dtype
 from ._backend import BACKEND_NAMES
 from ._validation import (
     REDUCTIONS,
@@ -128,7 +130,9 @@ class GlobalPositionalHead(nn.Module):
             )
         spatial = tuple(range(2, feat_a.dim()))
         pooled = torch.cat([feat_a.mean(dim=spatial), feat_b.mean(dim=spatial)], dim=1)  # (B, 2C)
-        pred = self.mlp(pooled)
+        # In the head's own dtype (float32 unless converted), whatever the features' (half, bfloat16,
+        # float64); under autocast, nn.Linear casts as autocast says.
+        pred = self.mlp(pooled.to(self.mlp[0].weight.dtype))
         return pred.squeeze(1) if self.out_features == 1 else pred
 
 
@@ -186,8 +190,8 @@ class SALoss(nn.Module):
         super().__init__()
         if isinstance(gp_weight, bool) or not isinstance(gp_weight, (int, float)):
             raise TypeError(f"gp_weight must be a float; got {gp_weight!r} ({type(gp_weight).__name__})")
-        if not gp_weight >= 0:  # also rejects NaN
-            raise ValueError(f"gp_weight must be >= 0; got {gp_weight}")
+        if not (math.isfinite(gp_weight) and gp_weight >= 0):  # rejects NaN and infinities too
+            raise ValueError(f"gp_weight must be a finite number >= 0; got {gp_weight}")
         check_choice(reduction, "reduction", ("mean", "sum"))
         _check_positive_int(pos_dims, "pos_dims")
         self.gp_weight = float(gp_weight)
@@ -205,5 +209,9 @@ class SALoss(nn.Module):
     ) -> SALossOutput:
         local = self.local_loss(feat_a, feat_b, mask_a, mask_b)
         pred = self.head(feat_a, feat_b)
-        positional = global_positional_loss(pred.float(), pos_a, pos_b, reduction=self.local_loss.reduction)
-        return SALossOutput(local + self.gp_weight * positional.to(local.dtype), local, positional)
+        # float32 at least (a half-precision head under autocast), float64 for a float64 head.
+        pred = pred.to(accumulation_dtype(pred.dtype))
+        positional = global_positional_loss(pred, pos_a.to(pred.dtype), pos_b.to(pred.dtype),
+                                            reduction=self.local_loss.reduction)
+        total = local + self.gp_weight * positional.to(local.dtype)
+        return SALossOutput(total, local, positional)

@@ -17,6 +17,7 @@ the same size on every axis).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -31,17 +32,66 @@ from ._reduction import alignment_loss, positional_loss
 Match = Tuple[torch.Tensor, torch.Tensor]
 
 
-def prepare_features(feat: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Cast ``feat`` to its accumulation dtype and L2-normalise each voxel's C-vector when asked.
+def _no_autocast(device: torch.device):
+    """Autocast off (the losses accumulate in float32 whatever autocast says); nothing to turn off on
+    devices autocast does not know (e.g. ``meta``, for shape inference)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
-    ``x_p / max(||x_p||, 1e-12)``, the formula of ``torch.nn.functional.normalize``.
 
-    Shape: ``(B, C, *spatial) -> (B, C, *spatial)``, float32 (float64 stays float64).
+def normalize_voxels(x: torch.Tensor) -> torch.Tensor:
+    """``x / max(||x||, eps)`` over dim 1 (the formula of ``torch.nn.functional.normalize``), with
+    the norm computed on ``x`` scaled by a power of two per voxel so that it can neither overflow
+    (``|x| >~ 1.8e19`` in float32) nor underflow (``|x| <~ 1e-19``).
+
+    Each voxel is multiplied by ``2^-e``, ``e`` the exponent of its largest ``|x|``: exact in
+    floating point, so for features whose squares neither overflow nor underflow the result is
+    bitwise that of ``F.normalize``. The clamp compares the true norm with ``eps``:
+    ``||x 2^-e|| < eps 2^-e``. A voxel holding NaN or Inf is not scaled (and comes out NaN).
+    """
+    largest = x.detach().abs().amax(dim=1, keepdim=True)
+    _, exponent = torch.frexp(torch.where(torch.isfinite(largest), largest, 0.0))  # 0 -> exponent 0
+    # 2^-e stays finite: exponents clamped to the dtype's normal range (denormal voxels are scaled
+    # up as far as that allows, which is enough for their squares not to underflow).
+    limit = int(math.log2(torch.finfo(x.dtype).max)) - 2
+    scale = torch.exp2(-exponent.clamp(-limit, limit).to(x.dtype))
+    scaled = x * scale
+    norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    return scaled / torch.maximum(norm, NORMALIZE_EPS * scale)
+
+
+def prepare_features(feat: torch.Tensor, normalize: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cast ``feat`` to its accumulation dtype, zero the voxels ``mask`` removes and L2-normalise
+    each voxel's C-vector when asked (:func:`normalize_voxels`).
+
+    A masked voxel is neither query nor candidate: zeroing it before anything else keeps a NaN or
+    Inf there out of every product and every gradient.
+
+    Shape: ``(B, C, *spatial) -> (B, C, *spatial)``, float32 (float64 stays float64); ``mask``
+    ``(B, *spatial)``.
     """
     feat = feat.to(accumulation_dtype(feat.dtype))
+    if mask is not None:
+        feat = torch.where(mask[:, None], feat, 0.0)
     if normalize:
-        feat = F.normalize(feat, p=2.0, dim=1, eps=NORMALIZE_EPS)
+        feat = normalize_voxels(feat)
     return feat
+
+
+def _first_where(candidates: torch.Tensor) -> torch.Tensor:
+    """The position of the first True along the last axis (0 when there is none)."""
+    return candidates.to(torch.uint8).argmax(dim=-1)
+
+
+def _best(sim: torch.Tensor, candidates: torch.Tensor):
+    """``(values, positions)`` of the max over the last axis among the candidates, as ``torch.max``
+    gives them (NaN wins, lowest position on ties), with every non-candidate at -inf; where every
+    candidate is -inf itself (raw products that overflow), the first candidate."""
+    sim = sim.masked_fill(~candidates, float("-inf"))
+    values, positions = sim.max(dim=-1)
+    all_minus_inf = values == float("-inf")
+    return values, torch.where(all_minus_inf, _first_where(candidates).expand_as(positions), positions)
 
 
 def _finish(values: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor, shape) -> Match:
@@ -78,17 +128,16 @@ def dense_match(
     input), indices int64 flat indices, -1 for queries that are masked out or have no candidate.
     """
     B, N = feat_a.shape[0], math.prod(feat_a.shape[2:])
-    with torch.autocast(feat_a.device.type, enabled=False):
-        xa = prepare_features(feat_a, normalize).flatten(2).transpose(1, 2)  # (B, N, C)
-        xb = prepare_features(feat_b, normalize).flatten(2)  # (B, C, N)
+    with _no_autocast(feat_a.device):
+        xa = prepare_features(feat_a, normalize, mask_a).flatten(2).transpose(1, 2)  # (B, N, C)
+        xb = prepare_features(feat_b, normalize, mask_b).flatten(2)  # (B, C, N)
         sim = torch.bmm(xa, xb)  # (B, N, N): sim[b, p, q] = s(p, q)
         if mask_b is None:
-            has_candidate = torch.ones(B, N, dtype=torch.bool, device=feat_a.device)
+            candidates = torch.ones(1, 1, xb.shape[-1], dtype=torch.bool, device=feat_a.device)
         else:
-            candidates = mask_b.reshape(B, 1, N)
-            sim = sim.masked_fill(~candidates, float("-inf"))
-            has_candidate = candidates.any(dim=-1).expand(B, N)
-        values, indices = sim.max(dim=-1)  # torch.max returns the first (lowest) index on ties
+            candidates = mask_b.reshape(B, 1, -1)
+        values, indices = _best(sim, candidates)  # torch.max returns the first (lowest) index on ties
+        has_candidate = candidates.any(dim=-1).expand(B, N)
     return _finish(values, indices, _query_valid(mask_a, has_candidate), _out_shape(feat_a))
 
 
@@ -123,17 +172,16 @@ def sliding_window_match(
     window = expand_window(window, len(spatial))
     N, K = math.prod(spatial), math.prod(window)
     device = feat_a.device
-    with torch.autocast(device.type, enabled=False):
-        xa = prepare_features(feat_a, normalize).reshape(B, C, N, 1)
-        xb = prepare_features(feat_b, normalize)
+    with _no_autocast(device):
+        xa = prepare_features(feat_a, normalize, mask_a).reshape(B, C, N, 1)
+        xb = prepare_features(feat_b, normalize, mask_b)
         neighbours = _neighbourhoods(xb, window, 0.0).reshape(B, C, N, K)  # zero outside the map
         sim = (xa * neighbours).sum(dim=1)  # (B, N, K): offsets in row-major order
         # Which offsets are real candidates: inside the map and, if given, unmasked in b.
         present = torch.ones(1, 1, *spatial, dtype=torch.bool, device=device) if mask_b is None else mask_b[:, None]
         candidates = _neighbourhoods(present, window, False).reshape(present.shape[0], N, K)
-        sim = sim.masked_fill(~candidates, float("-inf"))
         # Row-major offset order is also increasing flat index, so the first max is the lowest q.
-        values, offsets = sim.max(dim=-1)  # (B, N)
+        values, offsets = _best(sim, candidates)  # (B, N)
         has_candidate = candidates.any(dim=-1).expand(B, N)
     # The flat index in b of each offset: the neighbourhoods of the flat index map.
     flat = torch.arange(N, device=device).reshape(1, 1, *spatial)
@@ -187,16 +235,15 @@ def partition_window_match(
     for size, n, k in zip(reversed(spatial), reversed(counts), reversed(window)):
         pad += [0, n * k - size]
     device = feat_a.device
-    with torch.autocast(device.type, enabled=False):
-        ta = _tiles(F.pad(prepare_features(feat_a, normalize), pad), window)
-        tb = _tiles(F.pad(prepare_features(feat_b, normalize), pad), window)
+    with _no_autocast(device):
+        ta = _tiles(F.pad(prepare_features(feat_a, normalize, mask_a), pad), window)
+        tb = _tiles(F.pad(prepare_features(feat_b, normalize, mask_b), pad), window)
         sim = torch.bmm(ta, tb.transpose(1, 2))  # (B * tiles, K, K)
         present = torch.ones(B, 1, *spatial, dtype=torch.bool, device=device)
         if mask_b is not None:
             present = present & mask_b[:, None]
         candidates = _tiles(F.pad(present, pad), window).transpose(1, 2)  # (B * tiles, 1, K)
-        sim = sim.masked_fill(~candidates, float("-inf"))
-        values, local = sim.max(dim=-1)  # (B * tiles, K); tile-local row-major = flat order
+        values, local = _best(sim, candidates)  # (B * tiles, K); tile-local row-major = flat order
         has_candidate = candidates.any(dim=-1).expand_as(local)
     # The flat index in b of each tile-local offset: the flat index map, cut into the same tiles.
     flat = torch.arange(math.prod(spatial), device=device).reshape(1, 1, *spatial)

@@ -296,8 +296,8 @@ def test_local_alignment_loss_module_checks_options_in_init(kwargs, error, messa
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        (dict(gp_weight=-1.0), ValueError, r"gp_weight must be >= 0; got -1.0"),
-        (dict(gp_weight=float("nan")), ValueError, r"gp_weight must be >= 0; got nan"),
+        (dict(gp_weight=-1.0), ValueError, r"gp_weight must be a finite number >= 0; got -1.0"),
+        (dict(gp_weight=float("nan")), ValueError, r"gp_weight must be a finite number >= 0; got nan"),
         (dict(gp_weight="1"), TypeError, r"gp_weight must be a float; got '1' \(str\)"),
         (dict(reduction="none"), ValueError, r"reduction must be one of 'mean', 'sum'; got 'none'"),
         (dict(hidden=0), ValueError, r"hidden must be >= 1; got 0"),
