@@ -228,34 +228,58 @@ def test_nan_wins_and_ties_keep_the_lowest_index(device, window, mode):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_prepare_features(device, dtype, layout, normalize):
-    # One pass per map: the scales 1 / max(||x||, eps), their derivative factor (scale^3 where the
-    # norm is not clamped: 0 for a zero voxel), NaN for a NaN voxel, 0 for an infinite one; the rows
-    # are the map itself when its channels are innermost, else a voxel-major copy.
+    # One pass per map. Forward: contiguous rows whose product with the scale is x_hat (the map
+    # itself, unscaled, for ordinary features); backward: r = 1 / max(||x||, eps), proj = 1 where
+    # the norm is not clamped (a zero voxel: r = 1e12, proj = 0), NaN for a NaN or Inf voxel when
+    # normalising; rows are the map itself when its channels are innermost.
     from salign_kernels.ops.triton._runtime import voxel_major
-    from salign_kernels.ops.triton.prepare import prepare_features
+    from salign_kernels.ops.triton.prepare import backward_factors, forward_rows
 
     feat = make_features((2, 70, 5, 7), dtype, seed=13, device=device)[0]
     feat[0, :, 1, 1] = 0.0
     feat[1, 3, 2, 2] = float("nan")
     feat[1, 5, 4, 6] = float("inf")
     x = voxel_major(as_layout(feat, layout))
-    rows, scale, curv = prepare_features(x, normalize, rows=True)
-    torch.testing.assert_close(rows, x, atol=0, rtol=0, equal_nan=True)
-    assert rows.stride(2) == 1
-    assert (rows.data_ptr() == x.data_ptr()) == (layout == "channels_last")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     norms = torch.linalg.vector_norm(x.to(acc), dim=-1)
-    want = norms.clamp_min(1e-12).reciprocal() if normalize else torch.ones_like(norms)
-    torch.testing.assert_close(scale, want, atol=0, rtol=1e-6, equal_nan=True)
-    want_curv = torch.where(want < 1 / 1e-12, want**3, 0.0) if normalize else torch.zeros_like(want)
+    want_r = norms.clamp_min(1e-12).reciprocal() if normalize else torch.ones_like(norms)
     if normalize:
-        assert curv[0, 1 * 7 + 1] == 0 and scale[0, 1 * 7 + 1] == 1e12 and torch.isnan(scale[1, 2 * 7 + 2])
-        assert scale[1, 4 * 7 + 6] == 0 and curv[1, 4 * 7 + 6] == 0
-        keep = torch.isfinite(want) & (want < 1e12)
-        torch.testing.assert_close(curv[keep], want_curv[keep], atol=0, rtol=1e-5)
+        want_r[1, 2 * 7 + 2] = want_r[1, 4 * 7 + 6] = float("nan")
+    rows, scale = forward_rows(x, normalize)
+    torch.testing.assert_close(rows, x, atol=0, rtol=0, equal_nan=True)
+    assert rows.stride(2) == 1 and rows.is_contiguous()
+    assert (rows.data_ptr() == x.data_ptr()) == (layout == "channels_last" and not normalize)
+    torch.testing.assert_close(scale, want_r, atol=0, rtol=1e-6, equal_nan=True)
+    rows, r, proj = backward_factors(x, normalize, rows=True)
+    assert (rows.data_ptr() == x.data_ptr()) == (layout == "channels_last")
+    torch.testing.assert_close(r, want_r, atol=0, rtol=1e-6, equal_nan=True)
+    if normalize:
+        assert r[0, 1 * 7 + 1] == 1e12 and proj[0, 1 * 7 + 1] == 0
+        keep = torch.isfinite(want_r) & (want_r < 1e12)
+        assert (proj[keep] == 1).all()
     else:
-        assert torch.equal(scale, torch.ones_like(scale)) and torch.equal(curv, torch.zeros_like(curv))
-    assert scale.dtype == curv.dtype == acc
+        assert (proj == 0).all()
+    assert scale.dtype == r.dtype == proj.dtype == acc
+
+
+@pytest.mark.parametrize("exponent", [60, -60, 120, -126, -140])
+def test_prepare_scales_extreme_voxels_by_a_power_of_two(device, exponent):
+    # A voxel far from 1 is scaled by the power of two that brings it near 1 (exactly), and its
+    # scale makes up for it: scale * rows is still x_hat, without any overflow or underflow.
+    from salign_kernels.ops.triton.prepare import backward_factors, forward_rows
+
+    plain = make_features((1, 3, 8), seed=14, device=device)[0].permute(0, 2, 1).contiguous()  # (B, N, C)
+    x = torch.ldexp(plain, torch.tensor(exponent))
+    rows, scale = forward_rows(x, True)
+    largest = rows.abs().amax(-1)
+    # Near 1; a denormal voxel only as far up as 2^127 takes it (still far from underflowing).
+    assert torch.isfinite(rows).all() and largest.max() <= 4 and largest.min() >= (0.5 if exponent > -126 else 2**-24)
+    x_hat = plain / torch.linalg.vector_norm(plain, dim=-1, keepdim=True)
+    if 2.0**exponent * torch.linalg.vector_norm(plain.double(), dim=-1).max() >= 1e-12:
+        torch.testing.assert_close(rows * scale[..., None], x_hat, atol=1e-6, rtol=1e-6)
+    _, r, _ = backward_factors(x, True, rows=False)
+    want = torch.linalg.vector_norm(x.double(), dim=-1).clamp_min(1e-12).reciprocal()
+    torch.testing.assert_close(r.double(), want, atol=0, rtol=1e-6)
 
 
 def _one_target_case(device, dtype=torch.float32):

@@ -6,14 +6,27 @@ O(B N^2 C) of differentiating the similarity matrix. The normalisation's own gra
 here too (see ``salign_kernels.ops._library``), so the features' gradients leave these kernels final,
 in the features' dtype and strides.
 
+With ``x_hat = r x``, ``r = 1 / max(||x||, eps)`` and ``proj`` 1 where the norm is not clamped (0
+where it is; without normalisation ``r = 1``, ``proj = 0``), ``v_p = <xa_hat_p, xb_hat_q>`` and
+``g_p`` the upstream gradient of a valid query (q = indices[p] >= 0):
+
+    grad_xa[p] = g_p r_a[p] (xb_hat_q - proj_a[p] v_p xa_hat_p)
+    grad_xb[q] = r_b[q] (G_q - proj_b[q] S_q xb_hat_q),   G_q = sum_{p -> q} g_p xa_hat_p,
+                                                          S_q = sum_{p -> q} g_p v_p,
+
+the form of the C++ kernels: every factor is of order 1 or is ``r`` itself, so neither huge nor
+tiny norms under- or overflow (no ``r^3``). A voxel that is no valid query gets exactly zero in
+``grad_xa``, one no query chose exactly zero in ``grad_xb``: a NaN or Inf at a masked voxel reaches
+no gradient.
+
 - The gather kernel (one program per ``BLOCK_P`` queries) writes ``grad_xa`` and, on the fast
-  path, scatter-adds each query's contribution to a float32 (float64) pixel-major accumulator of
-  ``grad_xb`` and to the sum of its scalar coefficients, with atomics: the order of the
-  additions, so the last bits of the result, may vary between runs.
-- When ``torch.are_deterministic_algorithms_enabled()``, the gather kernel stores each query's two
-  coefficients instead, the queries are sorted by target (a stable sort: an inverse index of
-  contiguous segments), and one program per target q sums its segment in a fixed order.
-- The finish kernel turns the accumulator into ``grad_xb`` (normalisation term, dtype, strides).
+  path, scatter-adds each query's ``g_p xa_hat_p`` to a float32 (float64) voxel-major accumulator
+  of ``G`` and ``g_p v_p`` to ``S``, with atomics: the order of the additions, so the last bits of
+  the result, may vary between runs.
+- When ``torch.are_deterministic_algorithms_enabled()``, the gather kernel stores each query's
+  ``g_p`` and ``g_p v_p`` instead, the queries are sorted by target (a stable sort: an inverse index
+  of contiguous segments), and one program per target q sums its segment in a fixed order.
+- The finish kernel turns ``G`` and ``S`` into ``grad_xb`` (normalisation term, dtype, strides).
 """
 
 from __future__ import annotations
@@ -23,24 +36,20 @@ import triton
 import triton.language as tl
 
 from ._runtime import is_interpreted, next_power_of_2
-from .prepare import prepare_features
+from .prepare import backward_factors
 
 
 @triton.jit
 def _match_bwd_gather_kernel(
-    g_ptr, xa_ptr, xb_ptr, sa_ptr, sb_ptr, ca_ptr, idx_ptr,
+    g_ptr, xa_ptr, xb_ptr, ra_ptr, pa_ptr, rb_ptr, idx_ptr,
     gxa_ptr, accb_ptr, sumb_ptr, coef_ptr, coef_s_ptr,
     N, C,
-    sab, sap, sac, sbb, sbp, sbc, gab, gap, gac,  # strides (batch, pixel, channel) of xa, xb, grad_xa
+    sab, sap, sac, sbb, sbp, sbc, gab, gap, gac,  # strides (batch, voxel, channel) of xa, xb, grad_xa
     ATOMIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr,
     IS_F64: tl.constexpr,
 ):
-    # Gradient of  values[p] = sa[p] * sb[q] * d_p,  q = indices[p],  d_p = <xa_p, xb_q>,
-    # with upstream g_p = grad_values[p] (0 for an invalid query, q = -1) and
-    # d sa[p] / d xa_p = -ca[p] xa_p (ca = sa^3 where the norm is not clamped, else 0):
-    #   grad_xa[p] = coef_p xb_q - g_p sb[q] d_p ca[p] xa_p,  coef_p = g_p sa[p] sb[q]     (here)
-    #   acc_b[q]   = sum_{p: indices[p] = q} coef_p xa_p                                   (scatter)
-    #   sum_b[q]   = sum_{p: indices[p] = q} g_p sa[p] d_p = sum coef_s_p                  (scatter)
+    # grad_xa[p] = g_p r_a[p] (xb_hat_q - proj_a[p] v_p xa_hat_p)                      (here)
+    # G_q += g_p xa_hat_p,  S_q += g_p v_p                                             (scatter)
     # Layout: x* and grad_xa through their strides, acc_b (B, N, C) contiguous, the rest (B, N).
     # Grid: (cdiv(N, BLOCK_P), B).
     pid = tl.program_id(0)
@@ -52,9 +61,9 @@ def _match_bwd_gather_kernel(
     valid = row_ok & (q >= 0) & (q < N)  # out-of-range indices are treated as "no match"
     q = tl.where(valid, q, 0)
     g = tl.load(g_ptr + base + rows, mask=valid, other=0.0)
-    sa = tl.load(sa_ptr + base + rows, mask=valid, other=0.0)
-    ca = tl.load(ca_ptr + base + rows, mask=valid, other=0.0)
-    sb = tl.load(sb_ptr + base + q, mask=valid, other=0.0)
+    ra = tl.load(ra_ptr + base + rows, mask=valid, other=0.0)
+    pa = tl.load(pa_ptr + base + rows, mask=valid, other=0.0)
+    rb = tl.load(rb_ptr + base + q, mask=valid, other=0.0)
     a_rows = xa_ptr + batch * sab + rows.to(tl.int64)[:, None] * sap
     b_rows = xb_ptr + batch * sbb + q[:, None] * sbp
     ga_rows = gxa_ptr + batch * gab + rows.to(tl.int64)[:, None] * gap
@@ -62,61 +71,61 @@ def _match_bwd_gather_kernel(
     cs = tl.arange(0, BLOCK_C)
 
     if IS_F64:
-        d = tl.zeros([BLOCK_P], tl.float64)
+        v = tl.zeros([BLOCK_P], tl.float64)
     else:
-        d = tl.zeros([BLOCK_P], tl.float32)
+        v = tl.zeros([BLOCK_P], tl.float32)
     if SINGLE_C:
         both = valid[:, None] & (cs < C)[None, :]
-        a_res = tl.load(a_rows + cs.to(tl.int64)[None, :] * sac, mask=both, other=0.0).to(d.dtype)
-        b_res = tl.load(b_rows + cs.to(tl.int64)[None, :] * sbc, mask=both, other=0.0).to(d.dtype)
-        d = tl.sum(a_res * b_res, axis=1)
+        a_res = tl.load(a_rows + cs.to(tl.int64)[None, :] * sac, mask=both, other=0.0).to(v.dtype) * ra[:, None]
+        b_res = tl.load(b_rows + cs.to(tl.int64)[None, :] * sbc, mask=both, other=0.0).to(v.dtype) * rb[:, None]
+        v = tl.sum(a_res * b_res, axis=1)
     else:
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cs
             both = valid[:, None] & (cc < C)[None, :]
-            a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=both, other=0.0).to(d.dtype)
-            b = tl.load(b_rows + cc.to(tl.int64)[None, :] * sbc, mask=both, other=0.0).to(d.dtype)
-            d += tl.sum(a * b, axis=1)
+            a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=both, other=0.0).to(v.dtype) * ra[:, None]
+            b = tl.load(b_rows + cc.to(tl.int64)[None, :] * sbc, mask=both, other=0.0).to(v.dtype) * rb[:, None]
+            v += tl.sum(a * b, axis=1)
 
-    coef = g * sa * sb
-    coef_s = g * sa * d
-    self_term = g * sb * d * ca  # the normalisation of xa
+    coef = g * ra
+    shift = pa * v
+    coef_s = g * v
     if ATOMIC:
         tl.atomic_add(sumb_ptr + base + q, coef_s, mask=valid)
     else:
-        tl.store(coef_ptr + base + rows, coef, mask=row_ok)
-        tl.store(coef_s_ptr + base + rows, coef_s, mask=row_ok)
+        tl.store(coef_ptr + base + rows, g, mask=row_ok)
+        tl.store(coef_s_ptr + base + rows, tl.where(valid, coef_s, 0.0), mask=row_ok)
 
     if SINGLE_C:
         store_mask = row_ok[:, None] & (cs < C)[None, :]
-        grad = coef[:, None] * b_res - self_term[:, None] * a_res
+        grad = tl.where(valid[:, None], coef[:, None] * (b_res - shift[:, None] * a_res), 0.0)
         tl.store(ga_rows + cs.to(tl.int64)[None, :] * gac, grad.to(gxa_ptr.dtype.element_ty), mask=store_mask)
         if ATOMIC:
             both = valid[:, None] & (cs < C)[None, :]
-            tl.atomic_add(acc_rows + cs[None, :], coef[:, None] * a_res, mask=both)
+            tl.atomic_add(acc_rows + cs[None, :], g[:, None] * a_res, mask=both)
     else:
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cs
             both = valid[:, None] & (cc < C)[None, :]
-            a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=both, other=0.0).to(d.dtype)
-            b = tl.load(b_rows + cc.to(tl.int64)[None, :] * sbc, mask=both, other=0.0).to(d.dtype)
+            a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=both, other=0.0).to(v.dtype) * ra[:, None]
+            b = tl.load(b_rows + cc.to(tl.int64)[None, :] * sbc, mask=both, other=0.0).to(v.dtype) * rb[:, None]
             store_mask = row_ok[:, None] & (cc < C)[None, :]
-            grad = coef[:, None] * b - self_term[:, None] * a
+            grad = tl.where(valid[:, None], coef[:, None] * (b - shift[:, None] * a), 0.0)
             tl.store(ga_rows + cc.to(tl.int64)[None, :] * gac, grad.to(gxa_ptr.dtype.element_ty), mask=store_mask)
             if ATOMIC:
-                tl.atomic_add(acc_rows + cc[None, :], coef[:, None] * a, mask=both)
+                tl.atomic_add(acc_rows + cc[None, :], g[:, None] * a, mask=both)
 
 
 @triton.jit
 def _match_bwd_scatter_sorted_kernel(
-    xa_ptr, order_ptr, seg_ptr, coef_ptr, coef_s_ptr, accb_ptr, sumb_ptr,
+    xa_ptr, ra_ptr, order_ptr, seg_ptr, coef_ptr, coef_s_ptr, accb_ptr, sumb_ptr,
     N, C, sab, sap, sac,
     BLOCK_C: tl.constexpr, IS_F64: tl.constexpr,
 ):
     # The deterministic scatter of the gather kernel's sums:
-    #   acc_b[t] = sum_{i in seg[t] .. seg[t+1]-1} coef[order[i]] xa[order[i]]
+    #   acc_b[t] = sum_{i in seg[t] .. seg[t+1]-1} g[order[i]] xa_hat[order[i]]
     #   sum_b[t] = sum_{same i} coef_s[order[i]]
-    # over flat pixel indices t = b * N + q; order lists the flat queries sorted (stably) by
+    # over flat voxel indices t = b * N + q; order lists the flat queries sorted (stably) by
     # target, so each sum runs in increasing p. Grid: (B * N,).
     t = tl.program_id(0).to(tl.int64)
     start = tl.load(seg_ptr + t)
@@ -133,7 +142,7 @@ def _match_bwd_scatter_sorted_kernel(
         for i in range(start, end):
             flat = tl.load(order_ptr + i)
             x_row = xa_ptr + (flat // N) * sab + (flat % N) * sap
-            x = tl.load(x_row + cc.to(tl.int64) * sac, mask=cc < C, other=0.0).to(acc.dtype)
+            x = tl.load(x_row + cc.to(tl.int64) * sac, mask=cc < C, other=0.0).to(acc.dtype) * tl.load(ra_ptr + flat)
             acc += tl.load(coef_ptr + flat) * x
             acc_s += tl.load(coef_s_ptr + flat)  # the same scalar sum in every lane
         tl.store(accb_ptr + t * C + cc, acc, mask=cc < C)
@@ -142,26 +151,31 @@ def _match_bwd_scatter_sorted_kernel(
 
 @triton.jit
 def _match_bwd_finish_kernel(
-    accb_ptr, sumb_ptr, xb_ptr, cb_ptr, gxb_ptr,
+    accb_ptr, sumb_ptr, xb_ptr, rb_ptr, pb_ptr, gxb_ptr,
     N, C, sbb, sbp, sbc, gbb, gbp, gbc,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr,
 ):
-    # grad_xb[q] = acc_b[q] - sum_b[q] cb[q] xb_q  (the normalisation of xb; cb as ca above),
-    # in xb's dtype and grad_xb's strides. Grid: (cdiv(N, BLOCK_P), B).
+    # grad_xb[q] = r_b[q] (G_q - proj_b[q] S_q xb_hat_q), each term exactly 0 where its sum is (no
+    # query chose q: its features, NaN or not, reach nothing), in xb's dtype and grad_xb's strides.
+    # Grid: (cdiv(N, BLOCK_P), B).
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     base = batch * N
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     row_ok = rows < N
-    coef = tl.load(sumb_ptr + base + rows, mask=row_ok, other=0.0) * tl.load(cb_ptr + base + rows, mask=row_ok, other=0.0)
+    s = tl.load(sumb_ptr + base + rows, mask=row_ok, other=0.0)
+    rb = tl.load(rb_ptr + base + rows, mask=row_ok, other=0.0)
+    shift = s * tl.load(pb_ptr + base + rows, mask=row_ok, other=0.0)
     cs = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cs
         both = row_ok[:, None] & (cc < C)[None, :]
         acc = tl.load(accb_ptr + (base + rows.to(tl.int64))[:, None] * C + cc[None, :], mask=both, other=0.0)
         x = tl.load(xb_ptr + batch * sbb + rows.to(tl.int64)[:, None] * sbp + cc.to(tl.int64)[None, :] * sbc,
-                    mask=both, other=0.0).to(acc.dtype)
-        grad = acc - coef[:, None] * x
+                    mask=both, other=0.0).to(acc.dtype) * rb[:, None]
+        term_g = tl.where(acc != 0, rb[:, None] * acc, 0.0)
+        term_s = tl.where((shift != 0)[:, None], rb[:, None] * (shift[:, None] * x), 0.0)
+        grad = term_g - term_s
         tl.store(gxb_ptr + batch * gbb + rows.to(tl.int64)[:, None] * gbp + cc.to(tl.int64)[None, :] * gbc,
                  grad.to(gxb_ptr.dtype.element_ty), mask=both)
 
@@ -201,10 +215,10 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool, grad_xa, grad_
     acc_dtype = grad_values.dtype
     is_f64 = xa.dtype == torch.float64
     atomic = not torch.are_deterministic_algorithms_enabled()
-    # Scales and their derivatives, and the rows read at scattered voxels: xb's by the gather,
-    # xa's by the deterministic scatter (the gather reads xa's own rows in order, in any layout).
-    xa_rows, scale_a, curv_a = prepare_features(xa, normalize, rows=not atomic)
-    xb_rows, scale_b, curv_b = prepare_features(xb, normalize, rows=True)
+    # The factors of the normalisation's gradient, and the rows read at scattered voxels: xb's by
+    # the gather, xa's by the deterministic scatter (the gather reads xa's own rows in order).
+    xa_rows, r_a, proj_a = backward_factors(xa, normalize, rows=not atomic)
+    xb_rows, r_b, proj_b = backward_factors(xb, normalize, rows=True)
     if atomic:
         acc_b = torch.zeros((B, N, C), dtype=acc_dtype, device=xb.device)
         sum_b = torch.zeros((B, N), dtype=acc_dtype, device=xb.device)
@@ -217,7 +231,7 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool, grad_xa, grad_
     BLOCK_C = block_c(C)
     BLOCK_P = 16 if INTERPRETED else max(16, min(64, (2048 if is_f64 else 8192) // BLOCK_C))
     _match_bwd_gather_kernel[(triton.cdiv(N, BLOCK_P), B)](
-        grad_values, xa, xb_rows, scale_a, scale_b, curv_a, indices,
+        grad_values, xa, xb_rows, r_a, proj_a, r_b, indices,
         grad_xa, acc_b, sum_b, coef, coef_s,
         N, C, *xa.stride(), *xb_rows.stride(), *grad_xa.stride(),
         ATOMIC=atomic, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, SINGLE_C=C <= BLOCK_C, IS_F64=is_f64,
@@ -226,13 +240,13 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool, grad_xa, grad_
     if not atomic:
         order, segments = inverse_index(indices)
         _match_bwd_scatter_sorted_kernel[(B * N,)](
-            xa_rows, order, segments, coef, coef_s, acc_b, sum_b,
+            xa_rows, r_a, order, segments, coef, coef_s, acc_b, sum_b,
             N, C, *xa_rows.stride(),
             BLOCK_C=BLOCK_C, IS_F64=is_f64,
             num_warps=1 if BLOCK_C <= 64 else 2,
         )
     _match_bwd_finish_kernel[(triton.cdiv(N, BLOCK_P), B)](
-        acc_b, sum_b, xb, curv_b, grad_xb,
+        acc_b, sum_b, xb, r_b, proj_b, grad_xb,
         N, C, *xb.stride(), *grad_xb.stride(),
         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, IS_F64=is_f64,
         num_warps=4,

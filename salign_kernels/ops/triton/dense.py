@@ -65,8 +65,9 @@ def _candidate_tile(
     HAS_MASK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_K: tl.constexpr, IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The candidate tile starting at ``start``: ``(cols, col_ok, acc, scaled)`` with ``acc`` the
-    products ``<xa_p, xb_q>`` and ``scaled = acc * sb[q]`` (not yet masked: see ``col_ok``)."""
+    """The candidate tile starting at ``start``: ``(cols, col_ok, acc, scaled, sb)`` with ``acc``
+    the products ``<xa_p, xb_q>``, ``sb`` the candidates' scales and ``scaled = acc * sb[q]`` (not yet
+    masked: see ``col_ok``)."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if HAS_MASK_B:
@@ -74,7 +75,7 @@ def _candidate_tile(
     acc = _similarity_tile(a_res, a_rows, row_in, b_base, cols, col_ok, C, sac, sbp, sbc,
                            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
     sb = tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)
-    return cols, col_ok, acc, acc * sb[None, :]
+    return cols, col_ok, acc, acc * sb[None, :], sb
 
 
 @triton.jit
@@ -131,7 +132,7 @@ def _dense_match_fwd_kernel(
         row_in = row_in & (tl.load(ma_ptr + base + rows, mask=row_ok, other=0) != 0)
     if SYMMETRIC:
         sa_rows = tl.load(sa_ptr + base + rows, mask=row_in, other=0.0)
-        row_bias = tl.where(row_in, 0.0, float("-inf"))
+        first_row = tl.min(tl.where(row_in, rows, NO_HIT), 0)  # a non-finite query of b takes it
 
     a_res = a_rows  # placeholder when the channels come in chunks
     if SINGLE_K:  # the whole C-vector of every query stays resident for the entire scan
@@ -145,21 +146,28 @@ def _dense_match_fwd_kernel(
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_M], -1, tl.int32)
     saw_nan = tl.zeros([BLOCK_M], tl.int32)
+    first_col = NO_HIT  # the lowest candidate: where a non-finite query (scale NaN) goes, as in torch.max
 
     for start in range(0, N, BLOCK_N):
-        cols, col_ok, acc, scaled = _candidate_tile(
+        cols, col_ok, acc, scaled, sb = _candidate_tile(
             a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, start, N, C, sac, sbp, sbc,
             HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
         s = tl.where(col_ok[None, :], scaled, float("-inf"))  # (BLOCK_M, BLOCK_N)
+        first_col = tl.minimum(first_col, tl.min(tl.where(col_ok, cols, NO_HIT), 0))
 
         if SYMMETRIC:
             # Row max and the lowest column attaining it (NaN wins, as in torch.max), merged into
             # the running best: strictly greater wins, so earlier tiles (lower indices) keep ties.
             top, arg, is_nan, first_ok = block_argmax(s, cols[None, :], col_ok[None, :], 1)
             best, best_idx = fold_best(best, best_idx, top, arg, is_nan, first_ok)
-            # The same reduction down the columns: queries q of b, candidates p of a.
-            t = acc * sa_rows[:, None] + row_bias[:, None]
+            # The same reduction down the columns: queries q of b, candidates p of a. Rows that
+            # are no candidate are -inf, whatever acc holds (a NaN query times a masked zero row is
+            # NaN); a non-finite query of b (scale NaN) takes the block's first candidate, NaN.
+            t = tl.where(row_in[:, None], acc * sa_rows[:, None], float("-inf"))
             col_max, col_arg, _, _ = block_argmax(t, rows[:, None], row_in[:, None], 0)  # NO_HIT: no row
+            col_bad = (sb != sb) & (first_row < NO_HIT)
+            col_max = tl.where(col_bad, float("nan"), col_max)
+            col_arg = tl.where(col_bad, first_row, col_arg)
             part = (batch * tl.num_programs(0) + pid_m) * N + cols
             tl.store(part_val_ptr + part, col_max, mask=cols < N)
             tl.store(part_idx_ptr + part, col_arg, mask=cols < N)
@@ -177,7 +185,7 @@ def _dense_match_fwd_kernel(
         if tl.max(saw_nan, 0) > 0:  # the first NaN of each row that holds one: torch.max's answer
             first_nan = tl.full([BLOCK_M], NO_HIT, tl.int32)
             for start in range(0, N, BLOCK_N):
-                cols, col_ok, _, s = _candidate_tile(
+                cols, col_ok, _, s, _ = _candidate_tile(
                     a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, start, N, C, sac, sbp, sbc,
                     HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
                 first_nan = tl.minimum(first_nan, tl.min(tl.where((s != s) & col_ok[None, :], cols[None, :], NO_HIT), 1))
@@ -185,8 +193,9 @@ def _dense_match_fwd_kernel(
             best = tl.where(has_nan, float("nan"), best)
             best_idx = tl.where(has_nan, first_nan, best_idx)
 
-    valid = row_in & (best_idx >= 0)
     sa = tl.load(sa_ptr + base + rows, mask=row_ok, other=0.0)
+    best_idx = tl.where((sa != sa) & (first_col < NO_HIT), first_col, best_idx)
+    valid = row_in & (best_idx >= 0)
     tl.store(values_ptr + base + rows, tl.where(valid, tl.where(valid, best, 0.0) * sa, 0.0), mask=row_ok)
     tl.store(indices_ptr + base + rows, tl.where(valid, best_idx, -1).to(tl.int64), mask=row_ok)
 

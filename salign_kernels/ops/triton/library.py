@@ -19,7 +19,7 @@ from . import backward as _backward
 from . import dense as _dense
 from . import window as _window
 from ._runtime import check_backward, check_forward, device_of, is_view_of, voxel_major
-from .prepare import prepare_features
+from .prepare import forward_rows
 
 #: Whether the kernels run in Triton's interpreter (CPU tensors) rather than compiled for a GPU.
 INTERPRETED = _dense.INTERPRETED
@@ -27,9 +27,9 @@ symmetric_partial_bytes = _dense.symmetric_partial_bytes
 
 
 def _rows_and_scales(feat: torch.Tensor, normalize: bool):
-    """A map's contiguous voxel-major rows ``(B, N, C)`` and scales ``(B, N)``: one pass."""
-    rows, scale, _ = prepare_features(voxel_major(feat), normalize, rows=True)
-    return rows, scale
+    """A map's contiguous voxel-major rows ``(B, N, C)`` and scales ``(B, N)`` (``scale * rows =
+    x_hat``): one pass."""
+    return forward_rows(voxel_major(feat), normalize)
 
 
 def _per_voxel(t: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:

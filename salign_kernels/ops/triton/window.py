@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..._matching import WINDOW_MODE_CODES
-from ._argmax import block_argmax, fold_best
+from ._argmax import NO_HIT, block_argmax, fold_best
 from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
 
 
@@ -71,6 +71,7 @@ def _window_match_fwd_kernel(
     else:
         best = tl.full([TILE_H * TILE_W], float("-inf"), tl.float32)
     best_idx = tl.full([TILE_H * TILE_W], -1, tl.int32)
+    first = tl.full([TILE_H * TILE_W], NO_HIT, tl.int32)  # where a non-finite query (scale NaN) goes
 
     K = KD * KH * KW
     for j0 in range(0, K, BLOCK_J):
@@ -108,11 +109,13 @@ def _window_match_fwd_kernel(
         # The lowest q at the chunk's max (the lowest NaN: NaN wins), merged into the running best.
         chunk_max, chunk_arg, chunk_nan, first_ok = block_argmax(s, cq, ok, 1)
         best, best_idx = fold_best(best, best_idx, chunk_max, chunk_arg, chunk_nan, first_ok)
+        first = tl.minimum(first, first_ok)
 
+    sa = tl.load(sa_ptr + base + p, mask=row_ok, other=0.0)
+    best_idx = tl.where((sa != sa) & (first < NO_HIT), first, best_idx)
     valid = row_ok & (best_idx >= 0)
     if HAS_MASK_A:
         valid = valid & (tl.load(ma_ptr + base + p, mask=row_ok, other=0) != 0)
-    sa = tl.load(sa_ptr + base + p, mask=row_ok, other=0.0)
     tl.store(values_ptr + base + p, tl.where(valid, tl.where(valid, best, 0.0) * sa, 0.0), mask=row_ok)
     tl.store(indices_ptr + base + p, tl.where(valid, best_idx, -1).to(tl.int64), mask=row_ok)
 
@@ -132,14 +135,17 @@ def query_tile(H: int, W: int, C: int, interpreted: bool, is_f64: bool = False):
     return tile_h, tile_w
 
 
+#: Elements of the (queries x offsets x channels) tile under the interpreter: few steps (numpy is
+#: fast per op, slow per op count), within Triton's limit of 2^20 elements per block.
+INTERPRETER_TILE = 2**18
+
+
 def block_j(window: int, queries: int, block_c: int, interpreted: bool, is_f64: bool = False) -> int:
-    """Window offsets per step (``window``: their number): every offset at once under the interpreter
-    (numpy is fast per op, slow per op count); on a GPU as many as keep the (queries x offsets x
-    channels) tile at about 8K float32 (4K float64) elements, i.e. in registers."""
+    """Window offsets per step (``window``: their number): under the interpreter as many as keep the
+    (queries x offsets x channels) tile within :data:`INTERPRETER_TILE`; on a GPU as many as keep it
+    at about 8K float32 (4K float64) elements, i.e. in registers."""
     offsets = next_power_of_2(window)
-    if interpreted:
-        return offsets
-    budget = 4096 if is_f64 else 8192
+    budget = INTERPRETER_TILE if interpreted else (4096 if is_f64 else 8192)
     return max(1, min(offsets, budget // (queries * block_c)))
 
 
