@@ -89,7 +89,7 @@ def scan_ceilings(out):
 
     from salign_kernels.ops.triton import dense
     from salign_kernels.ops.triton._runtime import voxel_major
-    from salign_kernels.ops.triton.prepare import prepare_features
+    from salign_kernels.ops.triton.prepare import forward_rows
 
     B, C, H, W = GPU_DENSE_SHAPE
     N = H * W
@@ -97,7 +97,7 @@ def scan_ceilings(out):
     a, b = make_inputs(Case(GPU_DENSE_SHAPE, None, "sliding", False, torch.bfloat16), device="cuda",
                        requires_grad=False)
     xa, xb = voxel_major(a), voxel_major(b)  # views of the (B, C, H, W) maps: voxel stride 1
-    sa, sb = prepare_features(xa, True, rows=False)[1], prepare_features(xb, True, rows=False)[1]
+    sa, sb = forward_rows(xa, True)[1], forward_rows(xb, True)[1]  # ordinary features: rows = maps
     best = torch.empty(B, N, device="cuda")
     idx = torch.empty(B, N, device="cuda", dtype=torch.int32)
     print(f"\n=== dense scan {GPU_DENSE_SHAPE} bf16: TFLOP/s of the similarities ===", file=out)

@@ -125,7 +125,8 @@ def record_launches():
             xa, xb, (sa, sb), mask = inputs(dtype, N, C, layout)
             masks = (mask, mask) if masked else (None, None)
             for normalize in (True, False):
-                prepare.prepare_features(xa, normalize, rows=True)
+                prepare.forward_rows(xa, normalize)
+                prepare.backward_factors(xa, normalize, rows=True)
             dense.dense_match_forward(xa, xb, sa, sb, *masks)
             dense.dense_match_symmetric_forward(xa, xb, sa, sb, *masks)
             if masked:
