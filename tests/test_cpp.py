@@ -75,7 +75,7 @@ def test_window_sizes(shape, window, mode):
 
 # --- the window kernels against the vector width (16 float lanes with AVX-512) and the blocking ----
 # Sliding: queries in lanes along w, blocks of up to 8 query rows, offsets dx in chunks of at most
-# 7. Partition: a tile's queries in lanes, candidates in groups of 6, 8 or 12.
+# 7. Partition: a tile's queries in lanes, candidates in groups of 9, 6 or 12.
 
 
 def compare_window(shape, window, mode, dtype=torch.float32, seed=0, normalize=True):

@@ -41,6 +41,10 @@ using lane_index_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
 template <typename T>
 class AlignedBuffer {
  public:
+  AlignedBuffer() = default;
+  AlignedBuffer(const AlignedBuffer&) = delete;  // data_ points into raw_
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+
   void assign(int64_t n, T value) {
     raw_.assign(n + kPad, value);
     const auto address = reinterpret_cast<uintptr_t>(raw_.data());
@@ -66,19 +70,34 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Packing
 // ---------------------------------------------------------------------------------------------
 
-// Copies `len` voxels of sample b that are consecutive along w, starting at (z, y, x0), into
-// columns 0..len-1 of dst (channel stride dst_stride), converted to acc_t.
+// dst[k] = src[k] for k < len, converted to acc_t; may also copy k in [len, room) when whole
+// vectors are cheaper (the caller guarantees src and dst hold `room` values).
 template <typename scalar_t, typename acc_t>
-void load_run(const Features& f, int64_t b, int64_t z, int64_t y, int64_t x0, int64_t len, int64_t C,
-              acc_t* dst, int64_t dst_stride) {
+inline void copy_run(const scalar_t* src, acc_t* dst, int64_t len, int64_t room) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // Whole (or masked) vectors: the runs of a partition tile are shorter than the loop a
+    // compiler would vectorise.
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t VS = Vec::size();
+    int64_t k = 0;
+    for (; k < len && k + VS <= room; k += VS) Vec::loadu(src + k).store(dst + k);
+    if (k < len) Vec::loadu(src + k, len - k).store(dst + k, len - k);
+  } else {
+    for (int64_t k = 0; k < len; ++k) dst[k] = static_cast<acc_t>(src[k]);
+  }
+}
+
+// Copies `len` voxels of sample b that are consecutive along w, starting at (z, y, x0), into
+// columns 0..len-1 of dst (channel stride dst_stride), converted to acc_t. `room` >= len: the
+// voxels the row holds from x0 on and the columns dst may take, both; the copy may write columns
+// len..room-1 (with whatever follows the run in the row) when whole vectors are cheaper.
+template <typename scalar_t, typename acc_t>
+void load_run(const Features& f, int64_t b, int64_t z, int64_t y, int64_t x0, int64_t len, int64_t room,
+              int64_t C, acc_t* dst, int64_t dst_stride) {
   const scalar_t* src = static_cast<const scalar_t*>(f.data) + b * f.stride_b + z * f.stride_d + y * f.stride_h +
                         x0 * f.stride_w;
   if (f.stride_w == 1) {  // (B, C, ...) contiguous rows: each channel is a contiguous run
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* s = src + c * f.stride_c;
-      acc_t* d = dst + c * dst_stride;
-      for (int64_t k = 0; k < len; ++k) d[k] = static_cast<acc_t>(s[k]);
-    }
+    for (int64_t c = 0; c < C; ++c) copy_run(src + c * f.stride_c, dst + c * dst_stride, len, room);
   } else if (f.stride_c == 1) {  // channels-last: each voxel is a contiguous run
     for (int64_t k = 0; k < len; ++k) {
       const scalar_t* s = src + k * f.stride_w;

@@ -8,13 +8,18 @@
 // channel-major [C][stride] (lanes.h), normalised; a padding candidate and a non-finite one are
 // zero with a bias of -inf, so neither ever wins, and a tile's first non-finite candidate is
 // remembered for finish_query.
+// Reading the input: a tile row is a run of kw voxels per channel, and channel planes are often a
+// power of two apart, so the C runs of one row fall into the same cache sets. A tile is copied
+// channel by channel (the runs of one channel lie in distinct sets) rather than run by run, and
+// the next tile's lines are prefetched while this one is matched, a few per channel step.
 // Blocking (tile_kernel): queries in the lanes of NV vectors, candidates broadcast MR at a time:
 // MR x NV accumulators, NV vector loads and MR broadcasts per channel for MR * NV FMAs. With the
 // queries in lanes each accumulator is one candidate against NV * VS queries, folded straight
 // into a running best per lane (lanes.h) in ascending candidate order: no horizontal reduction
 // and no scalar scan, which a dense-style kernel (candidates in lanes) would pay per query on
-// tiles this small. (MR, NV) is chosen per tile among (6, 4), (8, 3), (12, 2) to waste the fewest
-// lanes and broadcasts on padding (k = 15: 225 queries fill 15 vectors of 16, (8, 3) pads to 240).
+// tiles this small. (MR, NV) is chosen per tile among (9, 3), (6, 4), (12, 2) to compute the fewest
+// padded similarities (k = 15: 225 queries fill 15 vectors of 16, 225 candidates 25 groups of 9;
+// k = 7: 49 queries, 4 vectors; k = 5: 25 queries, 2 vectors).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -112,23 +117,60 @@ inline void list_voxels(const Box& box, const Geometry& geo, const bool* mask, s
   }
 }
 
-// Packs the listed voxels of sample b of f into columns 0.. of `pack` (stride columns, zero past
-// the last voxel), copying runs that are consecutive along w at once, and normalises them.
-template <typename scalar_t, typename acc_t>
-void pack_tile(const Features& f, int64_t b, const Geometry& geo, bool normalize, int64_t stride, TilePack<acc_t>& pack) {
-  const int64_t C = geo.C, n = pack.count();
+// Sizes `pack` for its listed voxels: stride columns, of which those past the voxels are padding.
+template <typename acc_t>
+void size_pack(int64_t C, int64_t stride, TilePack<acc_t>& pack) {
+  if (pack.data.size() < C * stride) pack.data.assign(C * stride, acc_t(0));
   pack.stride = stride;
-  pack.data.assign(C * stride, acc_t(0));
   pack.bad.assign(stride, 0);
-  for (int64_t i = 0; i < n;) {
-    int64_t len = 1;
-    const int64_t q = pack.index[i];
-    const int64_t x = q % geo.W;
-    while (i + len < n && pack.index[i + len] == q + len && x + len < geo.W) ++len;
-    const int64_t zy = q / geo.W;
-    load_run<scalar_t, acc_t>(f, b, zy / geo.H, zy % geo.H, x, len, C, pack.data.data() + i, stride);
-    i += len;
+}
+
+// Copies the listed voxels of sample b of f into columns 0.. of their packs, by runs of voxels
+// consecutive along w: channel by channel, and within a channel the runs in flat order.
+template <typename scalar_t, typename acc_t>
+void pack_runs(const Features& f, int64_t b, const Geometry& geo, const std::vector<TilePack<acc_t>*>& packs) {
+  struct Run {
+    int64_t voxel, offset, len, room;
+    acc_t* dst;
+    int64_t stride;
+  };
+  std::vector<Run> runs;
+  for (TilePack<acc_t>* pack : packs) {
+    const int64_t n = pack->count();
+    for (int64_t i = 0; i < n;) {
+      const int64_t q = pack->index[i];
+      const int64_t x = q % geo.W, zy = q / geo.W;
+      int64_t len = 1;
+      while (i + len < n && pack->index[i + len] == q + len && x + len < geo.W) ++len;
+      // A run may spill up to the row's end or the pack's: the next run of the tile (later in
+      // flat order) overwrites the spill, and padding columns are cleared afterwards.
+      const int64_t room = std::min(geo.W - x, pack->stride - i);
+      const int64_t offset = (zy / geo.H) * f.stride_d + (zy % geo.H) * f.stride_h + x * f.stride_w;
+      runs.push_back({q, offset, len, room, pack->data.data() + i, pack->stride});
+      i += len;
+    }
   }
+  std::sort(runs.begin(), runs.end(), [](const Run& l, const Run& r) { return l.voxel < r.voxel; });
+  const scalar_t* sample = static_cast<const scalar_t*>(f.data) + b * f.stride_b;
+  if (f.stride_w == 1) {
+    for (int64_t c = 0; c < geo.C; ++c) {
+      const scalar_t* plane = sample + c * f.stride_c;
+      for (const Run& run : runs) copy_run(plane + run.offset, run.dst + c * run.stride, run.len, run.room);
+    }
+  } else {  // channels-last or strided: voxel by voxel
+    for (const Run& run : runs) {
+      const int64_t zy = run.voxel / geo.W;
+      load_run<scalar_t, acc_t>(f, b, zy / geo.H, zy % geo.H, run.voxel % geo.W, run.len, run.len, geo.C, run.dst,
+                                run.stride);
+    }
+  }
+}
+
+// Clears the padding columns of a copied pack and normalises its voxels.
+template <typename acc_t>
+void finish_pack(int64_t C, bool normalize, TilePack<acc_t>& pack) {
+  const int64_t n = pack.count(), stride = pack.stride;
+  for (int64_t c = 0; c < C; ++c) std::fill(pack.data.data() + c * stride + n, pack.data.data() + (c + 1) * stride, acc_t(0));
   normalise_columns(pack.data.data(), stride, C, round_up(n, Vectorized<acc_t>::size()), normalize, pack.bad.data());
 }
 
@@ -138,13 +180,14 @@ using TileKernel = void (*)(const TileCall<acc_t>&);
 struct TileShape {
   int mr, nv;
 };
-constexpr TileShape kTileShapes[] = {{6, 4}, {8, 3}, {12, 2}};
+constexpr TileShape kTileShapes[] = {{9, 3}, {6, 4}, {12, 2}};
+constexpr int kTileShapeCount = 3;
 
 template <typename acc_t>
 TileKernel<acc_t> tile_kernel_for(int shape) {
   switch (shape) {
-    case 0: return &tile_kernel<acc_t, 6, 4>;
-    case 1: return &tile_kernel<acc_t, 8, 3>;
+    case 0: return &tile_kernel<acc_t, 9, 3>;
+    case 1: return &tile_kernel<acc_t, 6, 4>;
     default: return &tile_kernel<acc_t, 12, 2>;
   }
 }
@@ -153,7 +196,7 @@ TileKernel<acc_t> tile_kernel_for(int shape) {
 inline int tile_shape_for(int64_t nq, int64_t nc, int64_t VS) {
   int chosen = 0;
   int64_t cheapest = std::numeric_limits<int64_t>::max();
-  for (int s = 0; s < 3; ++s) {
+  for (int s = 0; s < kTileShapeCount; ++s) {
     const int64_t lanes = kTileShapes[s].nv * VS;
     const int64_t cost = round_up(nq, lanes) * round_up(nc, kTileShapes[s].mr);
     if (cost < cheapest) {
@@ -174,10 +217,10 @@ void partition_forward(const MatchArgs& args) {
   const int64_t B = geo.B, D = geo.D, H = geo.H, W = geo.W, N = geo.voxels(), C = geo.C;
   const Window k = args.window;
   const int64_t tz = (D + k.d - 1) / k.d, ty = (H + k.h - 1) / k.h, tx = (W + k.w - 1) / k.w;
-  const int64_t tiles = tz * ty * tx;
   auto* values = static_cast<acc_t*>(args.values_ab);
   int64_t* indices = args.indices_ab;
 
+  const int64_t tiles = tz * ty * tx;
   const auto box_of = [&](int64_t tile) {
     const int64_t iz = tile / (ty * tx), iy = (tile / tx) % ty, ix = tile % tx;
     return Box{iz * k.d, std::min(D, (iz + 1) * k.d), iy * k.h, std::min(H, (iy + 1) * k.h),
@@ -188,6 +231,7 @@ void partition_forward(const MatchArgs& args) {
     Prefetcher prefetch;
     std::vector<PrefetchJob> jobs;
     TilePack<acc_t> queries, cands;
+    std::vector<TilePack<acc_t>*> query_pack{&queries}, cand_pack{&cands};
     std::vector<acc_t> bias;
     AlignedBuffer<acc_t> best;
     AlignedBuffer<idx_t> index;
@@ -219,8 +263,12 @@ void partition_forward(const MatchArgs& args) {
       }
       const int shape = tile_shape_for(nq, nc, VS);
       const int64_t mr = kTileShapes[shape].mr, lanes = kTileShapes[shape].nv * VS;
-      pack_tile<scalar_t, acc_t>(args.a, b, geo, args.normalize, round_up(nq, lanes), queries);
-      pack_tile<scalar_t, acc_t>(args.b, b, geo, args.normalize, round_up(round_up(nc, mr), VS), cands);
+      size_pack(C, round_up(nq, lanes), queries);
+      size_pack(C, round_up(round_up(nc, mr), VS), cands);
+      pack_runs<scalar_t, acc_t>(args.a, b, geo, query_pack);
+      pack_runs<scalar_t, acc_t>(args.b, b, geo, cand_pack);
+      finish_pack(C, args.normalize, queries);
+      finish_pack(C, args.normalize, cands);
       // Padding and non-finite candidates: zero, bias -inf.
       const int64_t groups = (nc + mr - 1) / mr;
       bias.assign(groups * mr, kNegInf<acc_t>);
@@ -231,7 +279,7 @@ void partition_forward(const MatchArgs& args) {
           continue;
         }
         if (first_bad < 0) first_bad = j;
-        for (int64_t c = 0; c < C; ++c) cands.data.data()[c * cands.stride + j] = 0;
+        for (int64_t c = 0; c < C; ++c) cands.data[c * cands.stride + j] = 0;
       }
       best.assign(queries.stride, kNegInf<acc_t>);
       index.assign(queries.stride, kNone);
@@ -271,8 +319,8 @@ void partition_forward(const MatchArgs& args) {
       const Candidates view{nc, cands.index.data(), first_bad};
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t p = queries.index[i];
-        const int64_t pos = index.data()[i] == kNone ? -1 : static_cast<int64_t>(index.data()[i]);
-        finish_query(best.data()[i], pos, queries.bad[i] != 0, view, values[b * N + p], indices[b * N + p]);
+        const int64_t pos = index[i] == kNone ? -1 : static_cast<int64_t>(index[i]);
+        finish_query(best[i], pos, queries.bad[i] != 0, view, values[b * N + p], indices[b * N + p]);
       }
     }
   });

@@ -200,7 +200,7 @@ class RowCache {
     acc_t* data = data_.data() + slot * C * stride_ + margin_;
     acc_t* bias = bias_.data() + slot * stride_ + margin_;
     uint8_t* bad = bad_.data() + slot * padded_;
-    load_run<scalar_t, acc_t>(args_.b, b, z, y, 0, W, C, data, stride_);
+    load_run<scalar_t, acc_t>(args_.b, b, z, y, 0, W, W, C, data, stride_);
     normalise_columns(data, stride_, C, padded_, args_.normalize, bad);
     const bool* mask = args_.mask_b ? args_.mask_b + b * geo_.voxels() + (z * geo_.H + y) * W : nullptr;
     bool any_candidate = false, any_bad = false, any_excluded = false;
@@ -331,7 +331,7 @@ void sliding_forward(const MatchArgs& args) {
           }
           for (int64_t i = 0; i < R; ++i) {
             acc_t* q = queries.data() + i * C * Wp;
-            load_run<scalar_t, acc_t>(args.a, b, z, y + i, 0, W, C, q, Wp);
+            load_run<scalar_t, acc_t>(args.a, b, z, y + i, 0, W, W, C, q, Wp);
             normalise_columns(q, Wp, C, Wp, args.normalize, query_bad.data() + i * Wp);
           }
           std::fill(best.data(), best.data() + R * Wp, kNegInf<acc_t>);
