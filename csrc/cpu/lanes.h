@@ -215,6 +215,24 @@ void normalise_columns(acc_t* x, int64_t stride, int64_t C, int64_t n, bool norm
   }
 }
 
+// v, pinned to a register: a vector several FMAs read is then loaded once, where a compiler may
+// otherwise fold the load into each FMA (a memory operand per FMA, one load per FMA: load-bound).
+template <typename acc_t>
+inline Vectorized<acc_t> in_register(const Vectorized<acc_t>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  using Raw = std::conditional_t<sizeof(acc_t) == 4, __m512, __m512d>;
+#elif defined(CPU_CAPABILITY_AVX2)
+  using Raw = std::conditional_t<sizeof(acc_t) == 4, __m256, __m256d>;
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  Raw raw = v;
+  asm("" : "+v"(raw));
+  return Vectorized<acc_t>(raw);
+#else
+  return v;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Running best per lane
 // ---------------------------------------------------------------------------------------------

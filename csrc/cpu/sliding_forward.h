@@ -100,7 +100,7 @@ void slide_kernel(const SlideCall<acc_t>& s) {
     for (int i = 0; i < R; ++i) qv[i] = Vec::loadu(q + i * s.query_row);
 #pragma GCC unroll 8
     for (int j = 0; j < KX; ++j) {
-      const Vec kv = Vec::loadu(k + j);
+      const Vec kv = in_register(Vec::loadu(k + j));
 #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) acc[i][j] = at::vec::fmadd(qv[i], kv, acc[i][j]);
     }
