@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -100,6 +102,12 @@ Window window_of(c10::IntArrayRef window, int64_t mode, const at::Tensor& feat) 
     TORCH_CHECK_VALUE(k >= 1 && k <= largest, "window sizes must lie in [1, ", largest, "]; got ", window);
     TORCH_CHECK_VALUE(mode == 1 || k % 2 == 1, "window sizes must be odd in sliding mode; got ", window);
   }
+  // The sliding kernel keeps a candidate's offset from its query in 32-bit lanes next to float32
+  // similarities: |q - p| < N must fit.
+  int64_t voxels = 1;
+  for (int64_t i = 2; i < feat.dim(); ++i) voxels *= feat.size(i);
+  TORCH_CHECK_VALUE(mode == 1 || voxels <= std::numeric_limits<int32_t>::max(),
+                    "sliding windows on the CPU take maps of at most 2^31 - 1 voxels; got ", voxels);
   if (spatial == 2) return {1, window[0], window[1]};
   return {window[0], window[1], window[2]};
 }

@@ -10,7 +10,8 @@
 #include "cpu/backward.h"
 #include "cpu/dense_forward.h"
 #include "cpu/kernels.h"
-#include "cpu/window_forward.h"
+#include "cpu/partition_forward.h"
+#include "cpu/sliding_forward.h"
 
 namespace salign {
 namespace CPU_CAPABILITY {
@@ -19,8 +20,10 @@ template <typename scalar_t, typename acc_t>
 void forward_impl(const MatchArgs& args) {
   if (args.window.dense()) {
     dense_forward<scalar_t, acc_t>(args);
+  } else if (args.mode == WindowMode::Sliding) {
+    sliding_forward<scalar_t, acc_t>(args);
   } else {
-    window_forward<scalar_t, acc_t>(args);
+    partition_forward<scalar_t, acc_t>(args);
   }
 }
 
