@@ -229,8 +229,10 @@ def expected_non_finite(a, b, window, mode, mask_a, mask_b, normalize):
 ])
 def test_non_finite_values_resolve_as_specified(normalize, bad, shape, window, mode):
     # Non-finite voxels in queries (the scalar resolution of the whole query) and candidates (the
-    # vector path skips them, the window's first one wins), at borders, next to each other, and
-    # under a mask (ignored).
+    # vector path skips them), at borders, next to each other, and under a mask (ignored). With
+    # normalisation their x_hat is NaN: a non-finite query takes its first candidate, else the
+    # window's first non-finite candidate wins, both NaN. Without it the raw products follow IEEE
+    # (+-inf or NaN), exactly as the reference's.
     a, b = make_features(shape, seed=12)
     spatial = shape[2:]
     mask_a, mask_b = make_mask(shape, 0.9, 1), make_mask(shape, 0.85, 2)
@@ -246,6 +248,14 @@ def test_non_finite_values_resolve_as_specified(normalize, bad, shape, window, m
     b[masked_bad] = bad
     mask_b[(0,) + masked_bad[2:]] = False
     values, indices = sk.window_match(a, b, window, mode=mode, mask_a=mask_a, mask_b=mask_b, normalize=normalize, backend="cpp")
+    if not normalize:
+        want = reference.window_match(a, b, window, mode, mask_a, mask_b, normalize)
+        assert torch.equal(indices, want[1])
+        nonfinite = ~torch.isfinite(want[0])
+        assert nonfinite.any(), "the case must exercise the non-finite rules"
+        assert torch.equal(nonfinite, ~torch.isfinite(values))
+        torch.testing.assert_close(values, want[0], atol=2e-5, rtol=2e-5, equal_nan=True)
+        return
     window_t = (window,) * len(spatial) if isinstance(window, int) else window
     decided = expected_non_finite(a, b, window_t, mode, mask_a, mask_b, normalize)
     assert decided, "the case must exercise the non-finite rules"

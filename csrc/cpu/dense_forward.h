@@ -36,7 +36,7 @@ struct Panels {
   std::vector<uint8_t> bad;      // count: 1 where the normalised feature is not finite
   int64_t first_bad = -1;
 
-  Candidates view() const { return {count, index.data(), first_bad}; }
+  Candidates view() const { return {count, index.data(), first_bad, bad.data()}; }
 };
 
 // Packs the candidates listed in `out.index` (ascending) of sample b of map f, normalised.
@@ -260,8 +260,14 @@ void dense_forward(const MatchArgs& args) {
       match_rows<acc_t>(packed.data(), rows, cands[b], C, best.data(), best_pos.data(), cb, cp, start);
       const Candidates view = cands[b].view();
       for (int64_t i = 0; i < rows; ++i) {
-        finish_query(best[i], best_pos[i], bad[i] != 0, view, values_ab[b * N + index[i]],
-                     args.indices_ab[b * N + index[i]]);
+        acc_t& value = values_ab[b * N + index[i]];
+        int64_t& found = args.indices_ab[b * N + index[i]];
+        if (args.normalize || (bad[i] == 0 && view.first_bad < 0)) {
+          finish_query(best[i], best_pos[i], bad[i] != 0, view, value, found);
+        } else {
+          finish_query_raw<scalar_t, acc_t>(args.a, args.b, b, index[i], geo, best[i], best_pos[i], bad[i] != 0, view,
+                                            value, found);
+        }
       }
     }
   });
@@ -278,7 +284,7 @@ void dense_forward(const MatchArgs& args) {
       for (int64_t i = 0; i < int64_t(rows.size()) && first_bad < 0; ++i) {
         if (query_bad[b][i]) first_bad = i;
       }
-      const Candidates view{int64_t(rows.size()), rows.data(), first_bad};
+      const Candidates view{int64_t(rows.size()), rows.data(), first_bad, query_bad[b].data()};
       for (int64_t j = 0; j < cands[b].count; ++j) {
         acc_t best = kNegInf<acc_t>;
         int64_t pos = -1;
@@ -292,8 +298,13 @@ void dense_forward(const MatchArgs& args) {
           }
         }
         const int64_t q = cands[b].index[j];
-        finish_query(best, pos, cands[b].bad[j] != 0, view, values_ba[b * N + q],
-                     args.indices_ba[b * N + q]);
+        const bool query_is_bad = cands[b].bad[j] != 0;
+        if (args.normalize || (!query_is_bad && first_bad < 0)) {
+          finish_query(best, pos, query_is_bad, view, values_ba[b * N + q], args.indices_ba[b * N + q]);
+        } else {
+          finish_query_raw<scalar_t, acc_t>(args.b, args.a, b, q, geo, best, pos, query_is_bad, view,
+                                            values_ba[b * N + q], args.indices_ba[b * N + q]);
+        }
       }
     }
   });

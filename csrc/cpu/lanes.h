@@ -184,8 +184,10 @@ inline void normalise_vectors(acc_t* x, int64_t stride, int64_t C, bool normaliz
   // overflow of finite values (rare): look at those columns one by one.
   alignas(64) acc_t sums[U * VS];
   for (int u = 0; u < U; ++u) sum[u].store(sums + u * VS);
+  bool overflow = false;  // finite columns whose squares overflow (|x| >~ 1.8e19 in float)
   for (int64_t j = 0; j < U * VS; ++j) {
     bad[j] = std::isfinite(sums[j]) ? 0 : column_not_finite(x + j, stride, C);
+    overflow |= !std::isfinite(sums[j]) && !bad[j];
   }
   if (!normalize) return;
   constexpr acc_t kEps = acc_t(1e-12);  // the eps of torch.nn.functional.normalize
@@ -194,9 +196,22 @@ inline void normalise_vectors(acc_t* x, int64_t stride, int64_t C, bool normaliz
     // NaN stays NaN (maximum propagates it); an Inf norm gives 0 and then NaN at the Inf.
     scale[u] = Vec(acc_t(1)) / at::vec::maximum(sum[u].sqrt(), Vec(kEps));
   }
+  alignas(64) acc_t scales[U * VS];
+  if (overflow) {  // rare: leave those columns to the scaled norm below
+    for (int u = 0; u < U; ++u) scale[u].store(scales + u * VS);
+    for (int64_t j = 0; j < U * VS; ++j) {
+      if (!std::isfinite(sums[j]) && !bad[j]) scales[j] = acc_t(1);
+    }
+    for (int u = 0; u < U; ++u) scale[u] = Vec::loadu(scales + u * VS);
+  }
   for (int64_t c = 0; c < C; ++c) {
     acc_t* row = x + c * stride;
     for (int u = 0; u < U; ++u) (Vec::loadu(row + u * VS) * scale[u]).store(row + u * VS);
+  }
+  if (overflow) {
+    for (int64_t j = 0; j < U * VS; ++j) {
+      if (!std::isfinite(sums[j]) && !bad[j]) normalize_overflowing(x + j, stride, C);
+    }
   }
 }
 

@@ -316,11 +316,17 @@ void partition_forward(const MatchArgs& args) {
         kernel(call);
       }
 
-      const Candidates view{nc, cands.index.data(), first_bad};
+      const Candidates view{nc, cands.index.data(), first_bad, cands.bad.data()};
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t p = queries.index[i];
         const int64_t pos = index[i] == kNone ? -1 : static_cast<int64_t>(index[i]);
-        finish_query(best[i], pos, queries.bad[i] != 0, view, values[b * N + p], indices[b * N + p]);
+        const bool query_is_bad = queries.bad[i] != 0;
+        if (args.normalize || (!query_is_bad && first_bad < 0)) {
+          finish_query(best[i], pos, query_is_bad, view, values[b * N + p], indices[b * N + p]);
+        } else {
+          finish_query_raw<scalar_t, acc_t>(args.a, args.b, b, p, geo, best[i], pos, query_is_bad, view,
+                                            values[b * N + p], indices[b * N + p]);
+        }
       }
     }
   });

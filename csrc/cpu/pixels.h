@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -85,6 +86,24 @@ struct Loaded {
 template <typename scalar_t, typename acc_t>
 inline Loaded<acc_t> load_pixel(const scalar_t* src, int64_t stride_c, int64_t C, bool normalize, acc_t* dst);
 
+// x_hat in place for finite C values (stride apart) whose sum of squares overflows: scaled first by
+// the power of two that brings the largest near 1 (exact), so the norm is computed without overflow.
+// Returns 1 / ||x||, the normalisation's scale. Such a norm is far above eps: no clamp.
+template <typename acc_t>
+acc_t normalize_overflowing(acc_t* x, int64_t stride, int64_t C) {
+  acc_t largest = 0;
+  for (int64_t k = 0; k < C; ++k) largest = std::max(largest, std::abs(x[k * stride]));
+  const int exponent = std::ilogb(largest);
+  acc_t sum = 0;
+  for (int64_t k = 0; k < C; ++k) {
+    const acc_t v = std::ldexp(x[k * stride], -exponent);
+    sum += v * v;
+  }
+  const acc_t scaled_norm = std::sqrt(sum);
+  for (int64_t k = 0; k < C; ++k) x[k * stride] = std::ldexp(x[k * stride], -exponent) / scaled_norm;
+  return std::ldexp(acc_t(1) / scaled_norm, -exponent);
+}
+
 // <a, b> over C channels, vectorised.
 template <typename acc_t>
 inline acc_t dot(const acc_t* a, const acc_t* b, int64_t C) {
@@ -117,9 +136,13 @@ inline Loaded<acc_t> load_pixel(const scalar_t* src, int64_t stride_c, int64_t C
   Loaded<acc_t> out{acc_t(1), false, true};
   if (normalize) {
     const acc_t norm = std::sqrt(dot(dst, dst, C));
-    out.clamped = norm < kEps;
-    out.scale = acc_t(1) / (out.clamped ? kEps : norm);  // NaN stays NaN; Inf gives 0, then NaN below
-    for (int64_t k = 0; k < C; ++k) dst[k] *= out.scale;
+    if (!std::isfinite(norm) && all_finite(dst, C)) {
+      out.scale = normalize_overflowing(dst, 1, C);  // squares beyond the range: |x| >~ 1.8e19 in float
+    } else {
+      out.clamped = norm < kEps;
+      out.scale = acc_t(1) / (out.clamped ? kEps : norm);  // NaN stays NaN; Inf gives 0, then NaN below
+      for (int64_t k = 0; k < C; ++k) dst[k] *= out.scale;
+    }
   }
   out.finite = all_finite(dst, C);
   return out;
@@ -134,6 +157,7 @@ struct Candidates {
   int64_t count;          // 0: the query has no candidate
   const int64_t* index;   // flat index of each candidate
   int64_t first_bad;      // position of the first non-finite candidate, -1 if none
+  const uint8_t* bad;     // per position: the candidate is non-finite (read without normalisation)
 };
 
 template <typename acc_t>
@@ -149,6 +173,66 @@ inline void finish_query(acc_t best, int64_t best_pos, bool query_bad, const Can
     value = kNaN<acc_t>;
     index = cand.index[cand.first_bad];
   } else if (best_pos < 0) {  // every similarity was -inf (possible without normalisation)
+    value = kNegInf<acc_t>;
+    index = cand.index[0];
+  } else {
+    value = best;
+    index = cand.index[best_pos];
+  }
+}
+
+// Without normalisation a non-finite feature is no reason for NaN: raw products follow IEEE (+inf
+// times a positive value is +inf, times 0 NaN), and the answer is torch.max's over them. The vector
+// paths leave non-finite voxels out; this settles a query that has any: its similarities with them
+// (all its candidates when the query itself is non-finite) are computed here as the vector paths
+// compute every similarity, one fused multiply-add chain over ascending channels, and folded into
+// the vector path's best: the first NaN wins, else the largest, the lowest position on ties; every
+// candidate at -inf gives the first.
+// Whether every channel of voxel q of sample b is finite.
+template <typename scalar_t>
+bool voxel_finite(const Features& f, int64_t b, int64_t q, const Geometry& geo) {
+  const scalar_t* x = pixel_ptr<scalar_t>(f, b, q, geo);
+  for (int64_t c = 0; c < geo.C; ++c) {
+    if (!std::isfinite(static_cast<double>(x[c * f.stride_c]))) return false;
+  }
+  return true;
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t raw_similarity(const Features& fa, const Features& fb, int64_t b, int64_t p, int64_t q, const Geometry& geo) {
+  const scalar_t* x = pixel_ptr<scalar_t>(fa, b, p, geo);
+  const scalar_t* y = pixel_ptr<scalar_t>(fb, b, q, geo);
+  acc_t s = 0;
+  for (int64_t c = 0; c < geo.C; ++c) {
+    s = std::fma(static_cast<acc_t>(x[c * fa.stride_c]), static_cast<acc_t>(y[c * fb.stride_c]), s);
+  }
+  return s;
+}
+
+template <typename scalar_t, typename acc_t>
+void finish_query_raw(const Features& fa, const Features& fb, int64_t b, int64_t p, const Geometry& geo, acc_t best,
+                      int64_t best_pos, bool query_bad, const Candidates& cand, acc_t& value, int64_t& index) {
+  if (cand.count == 0) {
+    value = 0;
+    index = -1;
+    return;
+  }
+  if (query_bad) best_pos = -1;
+  int64_t nan_pos = -1;
+  for (int64_t j = 0; j < cand.count && nan_pos < 0; ++j) {
+    if (!query_bad && !cand.bad[j]) continue;
+    const acc_t s = raw_similarity<scalar_t, acc_t>(fa, fb, b, p, cand.index[j], geo);
+    if (std::isnan(s)) {
+      nan_pos = j;  // positions ascend: the first NaN
+    } else if (best_pos < 0 ? s > kNegInf<acc_t> : (s > best || (s == best && j < best_pos))) {
+      best = s;
+      best_pos = j;
+    }
+  }
+  if (nan_pos >= 0) {
+    value = kNaN<acc_t>;
+    index = cand.index[nan_pos];
+  } else if (best_pos < 0) {
     value = kNegInf<acc_t>;
     index = cand.index[0];
   } else {

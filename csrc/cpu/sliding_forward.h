@@ -308,6 +308,8 @@ void sliding_forward(const MatchArgs& args) {
       idx_t offset;    // relative offset of (query row 0, dx = 0)
     };
     std::vector<Entry> entries;
+    std::vector<int64_t> window;  // the scalar resolution's candidates, without normalisation
+    std::vector<uint8_t> window_bad;
     Prefetcher prefetch;
 
     for (int64_t t = t0; t < t1; ++t) {
@@ -437,7 +439,25 @@ void sliding_forward(const MatchArgs& args) {
                   }
                 }
               }
-              if (first < 0) {
+              if (first >= 0 && !args.normalize) {  // raw products: IEEE, as settled in finish_query_raw
+                window.clear();
+                window_bad.clear();
+                int64_t pos = -1;
+                for (int64_t zc = zr.lo; zc < zr.hi; ++zc) {
+                  for (int64_t yc = yr.lo; yc < yr.hi; ++yc) {
+                    for (int64_t x = xr.lo; x < xr.hi; ++x) {
+                      const int64_t q = (zc * H + yc) * W + x;
+                      if (mask_b != nullptr && !mask_b[q]) continue;
+                      if (index[s] != kNone && q == p + index[s]) pos = static_cast<int64_t>(window.size());
+                      window.push_back(q);
+                      window_bad.push_back(!voxel_finite<scalar_t>(args.b, b, q, geo));
+                    }
+                  }
+                }
+                const Candidates view{static_cast<int64_t>(window.size()), window.data(), -1, window_bad.data()};
+                finish_query_raw<scalar_t, acc_t>(args.a, args.b, b, p, geo, best[s], pos, bad_query, view,
+                                                  values[out], indices[out]);
+              } else if (first < 0) {
                 values[out] = 0;
                 indices[out] = -1;
               } else if (bad_query) {
