@@ -7,10 +7,12 @@
 // x_hat_p = x_p; the similarity is s(p, q) = <xa_hat_p, xb_hat_q>. Every kernel normalises while it
 // packs float copies of the voxels it reads, so normalisation costs no pass of its own.
 //
-// Non-finite input: a voxel whose normalised feature vector holds an Inf or NaN has a NaN
-// similarity with every voxel (normalising such a vector gives NaN). The fast paths ignore NaN
-// (ordered compares are false) and each query is resolved afterwards, as torch.max does: a NaN
-// query takes its first candidate, otherwise the first non-finite candidate, with value NaN.
+// Non-finite input: with normalisation a voxel holding an Inf or NaN has a NaN similarity with
+// every voxel (normalising such a vector gives NaN). The fast paths leave such voxels out and each
+// query is resolved afterwards, as torch.max does: a NaN query takes its first candidate, otherwise
+// the first non-finite candidate, with value NaN. Without normalisation raw products follow IEEE
+// (finish_query_raw). Finite voxels whose squares overflow are normalised through a power-of-two
+// scale (normalize_overflowing), so huge features still give cosines.
 #pragma once
 
 #include <ATen/Parallel.h>

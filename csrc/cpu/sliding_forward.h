@@ -26,7 +26,8 @@
 //
 // Non-finite voxels stay off the vector path: their bias is -inf; a query whose window holds one
 // (flagged per packed row), a non-finite query, and a query left without a finite candidate are
-// resolved afterwards by a scalar scan of the window, as finish_query resolves them.
+// resolved afterwards by a scalar scan of the window, as finish_query resolves them (with
+// normalisation) or finish_query_raw (raw products, IEEE).
 #pragma once
 
 #include <ATen/Parallel.h>
