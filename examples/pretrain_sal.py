@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import salign_kernels as sk
+from salign_kernels import feature_mask
 from salign_kernels.data import SAMPLE_IMAGE, SlicePairDataset, find_volumes
 
 #: BasicUNet widths (conv_0, down_1..down_4, decoder out): small enough for a CPU demo.
@@ -107,15 +108,6 @@ class SALPretrainer(nn.Module):
         if mask_a is not None:
             mask_a, mask_b = feature_mask(mask_a, feat_a.shape[2:]), feature_mask(mask_b, feat_b.shape[2:])
         return self.criterion(feat_a, feat_b, pos_a, pos_b, mask_a, mask_b), feat_a.detach()
-
-
-def feature_mask(mask: torch.Tensor, grid) -> torch.Tensor:
-    """A foreground mask on the feature grid: a cell is foreground when any of its pixels (voxels) is.
-
-    Shape: ``(B, S, S)`` bool -> ``(B, h, w)`` bool, or ``(B, D, H, W)`` -> ``(B, d, h, w)``.
-    """
-    pool = F.adaptive_max_pool3d if mask.dim() == 4 else F.adaptive_max_pool2d
-    return pool(mask.unsqueeze(1).float(), tuple(grid)).squeeze(1) > 0
 
 
 def feature_spread(features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -40,9 +40,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # pretrain_sal, when run from elsewhere
 import pretrain_sal as blocks  # noqa: E402
-from pretrain_sal import FEATURE_STRIDE, SALEncoder, feature_mask  # noqa: E402
+from pretrain_sal import FEATURE_STRIDE, SALEncoder  # noqa: E402
 
 import salign_kernels as sk  # noqa: E402
+from salign_kernels import feature_mask  # noqa: E402
 from salign_kernels.data import SubVolumePairDataset  # noqa: E402
 
 #: 3D BasicUNet widths (conv_0, down_1..down_4, decoder out): half the 2D example's, for a CPU.

@@ -9,6 +9,7 @@ definitions.
 from ._backend import BackendStatus, BackendUnavailableError, backends, resolve_backend
 from ._config import get_float32_precision, set_float32_precision
 from .functional import dense_match, global_positional_loss, local_alignment_loss, window_match
+from .masks import feature_mask
 from .losses import GlobalPositionalHead, LocalAlignmentLoss, SALoss, SALossOutput
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "window_match",
     "local_alignment_loss",
     "global_positional_loss",
+    "feature_mask",
     "LocalAlignmentLoss",
     "GlobalPositionalHead",
     "SALoss",
