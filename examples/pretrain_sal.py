@@ -365,25 +365,47 @@ def match_picture(encoders: Dict[str, nn.Module], dataset: SlicePairDataset, pat
     return stats
 
 
-def curves_picture(history: List[Dict], path: Path) -> None:
-    """Loss parts and feature spread per epoch, side by side."""
+def curves_picture(history: List[Dict], path: Path, collapse_threshold: Optional[float] = None) -> None:
+    """Save :func:`curves_figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(history, collapse_threshold)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(history: List[Dict], collapse_threshold: Optional[float] = None):
+    """Three panels per epoch: the local loss (log axis: it falls by orders of magnitude while the
+    positional part barely moves), the positional and total losses, and the collapse monitor with
+    its threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in ("total", "local", "positional"):
-        left.plot(epochs, [h[key] for h in history], "o-", label=key)
-    left.set_xlabel("epoch"), left.set_ylabel("loss"), left.legend(), left.set_title("SAL loss")
-    right.plot(epochs, [h["spread"] for h in history], "o-", label="spread (RMS distance to mean feature)")
-    right.plot(epochs, [h["min_channel_std"] * math.sqrt(h["channels"]) for h in history], "s--",
-               label="min channel std x sqrt(C)")
-    right.set_ylim(bottom=0), right.set_xlabel("epoch"), right.legend(), right.set_title("collapse monitor")
+    fig, (local, parts, monitor) = plt.subplots(1, 3, figsize=(14, 3.8))
+    local.semilogy(epochs, [max(h["local"], 1e-12) for h in history], "o-", color="C1",
+                   label="local alignment (1 - matched cosine)")
+    local.set_title("Local alignment loss (log scale)")
+    for key, colour in (("total", "C0"), ("positional", "C2")):
+        parts.plot(epochs, [h[key] for h in history], "o-", color=colour, label=key)
+    parts.set_title("Positional loss (L1 of the offset) and total")
+    monitor.plot(epochs, [h["spread"] for h in history], "o-", label="spread: RMS distance of unit features to their mean")
+    monitor.plot(epochs, [h["min_channel_std"] * math.sqrt(h["channels"]) for h in history], "s:",
+                 label="weakest channel: its std x sqrt(C)")
+    if collapse_threshold is not None:
+        monitor.axhline(collapse_threshold, color="red", ls="--", lw=1,
+                        label=f"collapse threshold {collapse_threshold:g} (a warning below)")
+    monitor.set_ylim(bottom=0)
+    monitor.set_title("Collapse monitor (about 1: spread out; 0: collapsed)")
+    for ax in (local, parts, monitor):
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    local.set_ylabel("loss")
+    fig.suptitle(f"SAL pre-training: loss parts and feature spread over {len(history)} epochs", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -507,7 +529,7 @@ def pretrain(args) -> Dict:
 
     if run.main_process:
         (args.out / "sal_history.json").write_text(json.dumps(history, indent=1))
-        curves_picture(history, args.out / "sal_curves.png")
+        curves_picture(history, args.out / "sal_curves.png", args.collapse_threshold)
         encoder.eval(), initial_encoder.to(device).eval()
         matches = match_picture({"random init": initial_encoder, "after SAL": encoder}, dataset,
                                 args.out / "sal_matches.png", device, args.backend)

@@ -263,7 +263,7 @@ def pretrain(args) -> Dict:
 
     if run.main_process:
         (args.out / "sal3d_history.json").write_text(json.dumps(history, indent=1))
-        blocks.curves_picture(history, args.out / "sal3d_curves.png")
+        blocks.curves_picture(history, args.out / "sal3d_curves.png", args.collapse_threshold)
         encoder.eval(), initial_encoder.to(device).eval()
         matches = match_picture({"random init": initial_encoder, "after SAL": encoder}, dataset,
                                 args.out / "sal3d_matches.png", device, args.backend)

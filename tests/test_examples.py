@@ -281,3 +281,18 @@ def test_match_picture_metrics(tmp_path):
     assert stats["anatomy"]["mean_shift_mm"] == pytest.approx(expected, rel=1e-5)
     assert stats["place in crop"] == pytest.approx(
         {"mean_shift_mm": 4.0 * np.sqrt(3), "nearest_cell": 0.0, "same_cell_in_crop": 1.0})
+
+
+def test_curves_figure_is_readable_on_its_own():
+    """Each panel has a title and a legend; the local loss is on a log axis; the threshold is named."""
+    pytest.importorskip("matplotlib")
+    history = [{"epoch": e, "total": 1.0 / e, "local": 10.0 ** -e, "positional": 0.3, "spread": 0.9,
+                "min_channel_std": 0.05, "channels": 64} for e in range(1, 4)]
+    fig = pretrain_sal.curves_figure(history, collapse_threshold=0.1)
+    local, parts, monitor = fig.axes
+    assert local.get_yscale() == "log"
+    for ax in fig.axes:
+        assert ax.get_title() and ax.get_legend() is not None and ax.get_xlabel() == "epoch"
+    labels = [t.get_text() for t in monitor.get_legend().get_texts()]
+    assert any("collapse threshold 0.1" in label for label in labels)
+    assert fig._suptitle is not None and "SAL pre-training" in fig._suptitle.get_text()
