@@ -361,6 +361,18 @@ print(out)
 """
 
 
+def runnable_variants(variants):
+    """The variants up to the one PyTorch picks for this CPU by itself. PyTorch takes a higher
+    ATEN_CPU_CAPABILITY on trust, and its own kernels of that level then stop the process with
+    SIGILL (seen: AVX512 sign_kernel on an AVX2 machine), before ours are reached."""
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    native = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                            env={k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"},
+                            capture_output=True, text=True, timeout=120).stdout.strip()
+    limit = order.index(native) if native in order else 0
+    return {env: name for env, name in variants.items() if order.index(name) <= limit}
+
+
 def run_variant(capability: str, dtype: str = "float32"):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     result = subprocess.run(
@@ -375,7 +387,7 @@ def test_every_kernel_variant_gives_the_same_answer(dtype):
     """The DEFAULT, AVX2 and AVX512 builds of the kernels agree (each where this CPU runs it)."""
     supported = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
     results = {}
-    for env_name, name in supported.items():
+    for env_name, name in runnable_variants(supported).items():
         out = run_variant(env_name, dtype)
         if out[0] != name:  # this CPU cannot run that variant; PyTorch fell back to a lower one
             continue
@@ -408,7 +420,7 @@ def test_every_kernel_variant_matches_windows_alike(dtype, tmp_path):
     """The DEFAULT, AVX2 and AVX512 window kernels (different vector widths, so different lane
     segments and blocks) find the same matches, up to near-ties (each where this CPU runs it)."""
     results = {}
-    for env_name in ("default", "avx2", "avx512"):
+    for env_name in runnable_variants({"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}):
         path = tmp_path / f"{env_name}.pt"
         env = dict(os.environ, ATEN_CPU_CAPABILITY=env_name)
         done = subprocess.run([sys.executable, "-c", WINDOW_VARIANT_SCRIPT.replace("DTYPE", dtype), str(path)], env=env,
@@ -630,3 +642,14 @@ def test_only_the_avx_variants_contain_avx_instructions():
             if not re.search(r"(salign|at::vec)::AVX(2|512)::|\[clone \.", function):  # IPA clones are TU-local
                 offenders.add(function)
     assert not offenders, sorted(offenders)[:10]
+
+
+def test_a_variant_this_cpu_cannot_run_is_never_chosen():
+    """Asked for AVX512 (ATEN_CPU_CAPABILITY) on a CPU without it, the kernels use the best variant
+    the CPU executes instead of stopping the process with SIGILL."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx512")
+    done = subprocess.run([sys.executable, "-c", "from salign_kernels.ops import cpp; print(cpp.capability())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    runnable = runnable_variants({"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}).values()
+    assert done.stdout.strip() == max(runnable, key=["DEFAULT", "AVX2", "AVX512"].index)

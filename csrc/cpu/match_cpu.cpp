@@ -15,12 +15,27 @@
 namespace salign {
 namespace {
 
+#ifdef SALIGN_HAVE_X86_VARIANTS
+// Whether this CPU executes a variant's instructions (the flags setup.py compiles it with).
+// PyTorch reports the capability ATEN_CPU_CAPABILITY asks for even where the CPU lacks it, and a
+// variant the CPU cannot run would stop the process with SIGILL.
+bool cpu_runs_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool cpu_runs_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+// The variant PyTorch runs with, or the best lower one this CPU executes.
 const KernelTable& kernel_table() {
   static const KernelTable* table = [] {
     const std::string capability = at::get_cpu_capability();
 #ifdef SALIGN_HAVE_X86_VARIANTS
-    if (capability == "AVX512") return &AVX512::kernels;
-    if (capability == "AVX2") return &AVX2::kernels;
+    if (capability == "AVX512" && cpu_runs_avx512()) return &AVX512::kernels;
+    if ((capability == "AVX512" || capability == "AVX2") && cpu_runs_avx2()) return &AVX2::kernels;
 #endif
     return &DEFAULT::kernels;
   }();

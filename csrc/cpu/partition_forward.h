@@ -17,8 +17,8 @@
 // queries in lanes each accumulator is one candidate against NV * VS queries, folded straight
 // into a running best per lane (lanes.h) in ascending candidate order: no horizontal reduction
 // and no scalar scan, which a dense-style kernel (candidates in lanes) would pay per query on
-// tiles this small. (MR, NV) is chosen per tile among (9, 3), (6, 4), (12, 2) to compute the fewest
-// padded similarities (k = 15: 225 queries fill 15 vectors of 16, 225 candidates 25 groups of 9;
+// tiles this small. (MR, NV) is chosen per tile among (9, 3), (6, 4), (12, 2) on AVX-512 ((4, 3),
+// (6, 2), (12, 1) on AVX2) to compute the fewest padded similarities (k = 15: 225 queries fill 15 vectors of 16, 225 candidates 25 groups of 9;
 // k = 7: 49 queries, 4 vectors; k = 5: 25 queries, 2 vectors).
 #pragma once
 
@@ -180,15 +180,22 @@ using TileKernel = void (*)(const TileCall<acc_t>&);
 struct TileShape {
   int mr, nv;
 };
+// MR * NV accumulators + NV query vectors + one broadcast within the register file: 32 on
+// AVX-512, 16 on AVX2 (and DEFAULT), where (9, 3) would spill on every channel step.
+#if defined(CPU_CAPABILITY_AVX512)
 constexpr TileShape kTileShapes[] = {{9, 3}, {6, 4}, {12, 2}};
+#else
+constexpr TileShape kTileShapes[] = {{4, 3}, {6, 2}, {12, 1}};
+#endif
 constexpr int kTileShapeCount = 3;
 
 template <typename acc_t>
 TileKernel<acc_t> tile_kernel_for(int shape) {
+  constexpr TileShape s0 = kTileShapes[0], s1 = kTileShapes[1], s2 = kTileShapes[2];
   switch (shape) {
-    case 0: return &tile_kernel<acc_t, 9, 3>;
-    case 1: return &tile_kernel<acc_t, 6, 4>;
-    default: return &tile_kernel<acc_t, 12, 2>;
+    case 0: return &tile_kernel<acc_t, s0.mr, s0.nv>;
+    case 1: return &tile_kernel<acc_t, s1.mr, s1.nv>;
+    default: return &tile_kernel<acc_t, s2.mr, s2.nv>;
   }
 }
 
