@@ -186,8 +186,9 @@ def make_loader(dataset, args, run: Run):
     """
     sampler = DistributedSampler(dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
+    # Workers can outlive an epoch: the dataset's set_epoch reaches them (its epoch is in shared memory).
     loader = DataLoader(dataset, batch_size=args.batch_size // run.world, sampler=sampler, drop_last=True,
-                        num_workers=args.workers, persistent_workers=False)
+                        num_workers=args.workers, persistent_workers=args.workers > 0)
     if len(loader) == 0:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(dataset)} pairs of an epoch")
     return sampler, loader

@@ -4,6 +4,7 @@ datasets, errors."""
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,7 @@ from salign_kernels.data import (  # noqa: E402
     to_slices,
 )
 from salign_kernels.data.sample import SAMPLE_DIR  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, default_collate  # noqa: E402
 
 
 def write_nifti(path, array, spacing=(1.0, 1.0, 1.0), affine=None):
@@ -606,3 +608,93 @@ def test_subvolume_file_errors(tmp_path):
     path = write_nifti(tmp_path / "flat.nii.gz", np.zeros((10, 12), dtype=np.float32))
     with pytest.raises(ValueError, match=r"flat\.nii\.gz' has shape \(10, 12\).*this is a 2D image"):
         SubVolumePairDataset(path)
+
+# ------------------------------------------------------------------------------------------- epochs and workers
+def _with_pid(item):
+    """Tag an item with the process that drew it (at module level: spawned workers unpickle it by name)."""
+    return {**item, "pid": os.getpid()}
+
+
+def main_process_batches(dataset, batch_size, order=None):
+    """What the DataLoader should give: the main process's items of the current epoch, collated."""
+    order = range(len(dataset)) if order is None else order
+    items = [dataset[k] for k in order]
+    return [default_collate(items[k:k + batch_size]) for k in range(0, len(items), batch_size)]
+
+
+def assert_same_batches(got, want, keys):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for key in keys:
+            torch.testing.assert_close(g[key], w[key], rtol=0, atol=0)
+
+
+def check_persistent_workers(dataset, keys, context):
+    """Two epochs through two persistent workers: each gives the main process's items of its epoch."""
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True,
+                        multiprocessing_context=context)
+    drawn, workers = [], []
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        assert_same_batches(batches, main_process_batches(dataset, 4), keys)
+        drawn.append(torch.cat([b[keys[0]] for b in batches]))
+        workers.append(set(torch.cat([b["pid"] for b in batches]).tolist()))
+    assert not torch.equal(drawn[0], drawn[1])  # fresh pairs in the second epoch
+    # The same two worker processes served both epochs: they are persistent, not restarted.
+    assert workers[0] == workers[1] and len(workers[0]) == 2 and os.getpid() not in workers[0]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_set_epoch_reaches_persistent_workers(volume_file, context):
+    dataset = SlicePairDataset(volume_file, size=8, pairs_per_volume=16, foreground_threshold=0.3, seed=4,
+                               transform=_with_pid)
+    check_persistent_workers(dataset, ("index_a", "index_b", "slice_a", "slice_b", "pos_a", "mask_b"), context)
+
+
+def test_subvolume_set_epoch_reaches_persistent_workers(coord_file):
+    dataset = coord_dataset(coord_file, crop_size=4, pairs_per_volume=16, foreground_threshold=0.3,
+                            transform=_with_pid)
+    check_persistent_workers(dataset, ("corner_a", "corner_b", "crop_a", "pos_b", "mask_a"), "fork")
+
+
+def test_set_epoch_with_distributed_sampler_and_persistent_workers(volume_file):
+    """Each DDP rank (its own dataset, sampler and persistent workers) gets its own share of each epoch's
+    items, and those are the items of that epoch."""
+    options = {"size": 8, "pairs_per_volume": 12, "seed": 1}
+    reference = SlicePairDataset(volume_file, **options)
+    ranks = []
+    for rank in range(2):
+        dataset = SlicePairDataset(volume_file, **options)
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        ranks.append((dataset, sampler, DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=2,
+                                                   persistent_workers=True)))
+    pairs = []
+    for epoch in (0, 1):
+        reference.set_epoch(epoch)
+        shares = []
+        for dataset, sampler, loader in ranks:
+            dataset.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            assert_same_batches(list(loader), main_process_batches(reference, 2, order),
+                                ("index_a", "index_b", "slice_a", "pos_b"))
+            shares.append(order)
+        assert sorted(shares[0] + shares[1]) == list(range(12))  # disjoint shares that cover the epoch
+        pairs.append([(reference[k]["index_a"], reference[k]["index_b"]) for k in range(12)])
+    assert pairs[0] != pairs[1]
+
+
+@pytest.mark.parametrize("epoch, error, match", [
+    (-1, ValueError, r"epoch must be >= 0; got -1"),
+    (1.5, TypeError, r"epoch must be an int; got 1.5 \(float\)"),
+    ("2", TypeError, r"epoch must be an int; got '2' \(str\)"),
+])
+def test_set_epoch_errors(volume_file, epoch, error, match):
+    dataset = SlicePairDataset(volume_file, size=8)
+    dataset.set_epoch(np.int64(3))
+    assert dataset.epoch == 3
+    with pytest.raises(error, match=match):
+        dataset.set_epoch(epoch)
+    assert dataset.epoch == 3  # unchanged
+
