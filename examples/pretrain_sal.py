@@ -95,7 +95,8 @@ class SALEncoder(nn.Module):
 class SALPretrainer(nn.Module):
     """Encoder + ``SALoss`` in one module, so DDP sees (and all-reduces) every trained parameter.
 
-    ``image_a``, ``image_b``: ``(B, 1, *spatial)`` slices or crops; masks ``(B, *spatial)``.
+    ``image_a``, ``image_b``: ``(B, 1, *spatial)`` slices or crops; masks ``(B, 1, *spatial)`` bool, as the
+    pair datasets give them (channel-first), brought onto the features' grid by ``feature_mask``.
     """
 
     def __init__(self, encoder: SALEncoder, criterion: sk.SALoss) -> None:

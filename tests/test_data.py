@@ -203,8 +203,8 @@ def test_dataset_items(volume_file):
         # The ramp's value grows with the slice index, so each slice is recognisable after normalising.
         stack = dataset.volumes[0].images
         torch.testing.assert_close(item["slice_b"][0], torch.from_numpy(stack[j]))
-        torch.testing.assert_close(item["mask_a"], torch.from_numpy(stack[i] > 0.5))
-        assert item["mask_a"].dtype == torch.bool and item["mask_a"].shape == (16, 16)
+        torch.testing.assert_close(item["mask_a"], torch.from_numpy(stack[i][None] > 0.5))
+        assert item["mask_a"].dtype == torch.bool and item["mask_a"].shape == (1, 16, 16)  # channel-first
 
 
 def test_dataset_masks_only_with_threshold(volume_file):
@@ -224,7 +224,7 @@ def test_dataset_in_dataloader_with_workers(volume_file):
     dataset = SlicePairDataset(volume_file, size=8, pairs_per_volume=12, foreground_threshold=0.2)
     batches = [next(iter(torch.utils.data.DataLoader(dataset, batch_size=6, num_workers=n))) for n in (0, 2)]
     assert batches[0]["slice_a"].shape == (6, 1, 8, 8) and batches[0]["pos_a"].shape == (6,)
-    assert batches[0]["mask_b"].shape == (6, 8, 8)
+    assert batches[0]["mask_b"].shape == (6, 1, 8, 8)
     for key in ("slice_a", "slice_b", "pos_a", "pos_b", "mask_a", "index_b"):
         torch.testing.assert_close(batches[0][key], batches[1][key])
 
@@ -465,11 +465,11 @@ def test_subvolume_masks(coord_file):
     assert len(dataset) == 2 * 2 * 2  # the default: the crops it takes to tile the volume
     for index in range(len(dataset)):
         item = dataset[index]
-        assert item["mask_a"].shape == (6, 6, 6) and item["mask_b"].dtype == torch.bool
+        assert item["mask_a"].shape == (1, 6, 6, 6) and item["mask_b"].dtype == torch.bool  # channel-first
         # Values above 0.5 are the voxels with z >= 5: part of every crop, never all of it.
         assert 0 < item["mask_a"].float().mean() < 1
-        torch.testing.assert_close(item["mask_a"], item["crop_a"][0] > 0.5)
-        torch.testing.assert_close(item["mask_b"], item["crop_b"][0] > 0.5)
+        torch.testing.assert_close(item["mask_a"], item["crop_a"] > 0.5)
+        torch.testing.assert_close(item["mask_b"], item["crop_b"] > 0.5)
 
 
 def test_subvolume_deterministic_per_epoch_and_seed(coord_file):
@@ -490,7 +490,7 @@ def test_subvolume_in_dataloader_with_workers(coord_file):
     dataset.set_epoch(2)
     batches = [list(torch.utils.data.DataLoader(dataset, batch_size=6, num_workers=n)) for n in (0, 2)]
     assert batches[0][0]["crop_a"].shape == (6, 1, 4, 4, 4) and batches[0][0]["pos_a"].shape == (6, 3)
-    assert batches[0][0]["mask_b"].shape == (6, 4, 4, 4) and batches[0][0]["corner_a"].shape == (6, 3)
+    assert batches[0][0]["mask_b"].shape == (6, 1, 4, 4, 4) and batches[0][0]["corner_a"].shape == (6, 3)
     for main, worker in zip(*batches):
         for key in ("crop_a", "crop_b", "pos_a", "pos_b", "corner_a", "corner_b", "mask_a", "volume"):
             torch.testing.assert_close(main[key], worker[key])
@@ -608,6 +608,111 @@ def test_subvolume_file_errors(tmp_path):
     path = write_nifti(tmp_path / "flat.nii.gz", np.zeros((10, 12), dtype=np.float32))
     with pytest.raises(ValueError, match=r"flat\.nii\.gz' has shape \(10, 12\).*this is a 2D image"):
         SubVolumePairDataset(path)
+
+
+# ------------------------------------------------------------------------------------------- MONAI transforms
+def plain(tensor):
+    """A MONAI MetaTensor as a plain tensor (comparisons then compare values only)."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+
+
+#: The CT window that maps asymmetric_file's values to (0, 1], unclipped.
+ASYMMETRIC_WINDOW = (0.0, 127.0)
+
+
+def asymmetric_slices(tmp_path):
+    """Slice pairs of a (10, 12, 4) volume whose every in-plane voxel has its own value: slices (1, 12, 12)
+    (10 rows padded to 12), masks ``value > 0.5``, true in the lower rows only."""
+    x, y, z = np.meshgrid(np.arange(10), np.arange(12), np.arange(4), indexing="ij")
+    path = write_nifti(tmp_path / "asym.nii.gz", (1 + 12 * x + y + 2 * z).astype(np.float32))
+    return SlicePairDataset(path, size=12, modality="ct", ct_window=ASYMMETRIC_WINDOW, foreground_threshold=0.5)
+
+
+def test_items_are_channel_first_for_monai_flip(tmp_path):
+    """Flipd(spatial_axis=0) flips the first spatial axis of the slice and of its mask alike."""
+    transforms = pytest.importorskip("monai.transforms")
+    item = asymmetric_slices(tmp_path)[1]
+    assert item["mask_a"].shape == item["slice_a"].shape == (1, 12, 12)
+    assert 0 < item["mask_a"].float().mean() < 1
+    out = transforms.Flipd(keys=["slice_a", "mask_a"], spatial_axis=0)(dict(item))
+    torch.testing.assert_close(plain(out["slice_a"]), item["slice_a"].flip(1))
+    torch.testing.assert_close(plain(out["mask_a"]), item["mask_a"].flip(1))
+    assert not torch.equal(plain(out["mask_a"]), item["mask_a"])  # the item is not symmetric: the flip shows
+    assert torch.equal(plain(out["mask_a"]), plain(out["slice_a"]) > 0.5)
+    assert out["slice_b"] is item["slice_b"] and out["mask_b"] is item["mask_b"]  # view b is left alone
+
+
+def test_items_are_channel_first_for_monai_rotate90(tmp_path):
+    transforms = pytest.importorskip("monai.transforms")
+    item = asymmetric_slices(tmp_path)[2]
+    out = transforms.Rotate90d(keys=["slice_b", "mask_b"], k=1)(dict(item))
+    torch.testing.assert_close(plain(out["slice_b"]), torch.rot90(item["slice_b"], 1, (1, 2)))
+    torch.testing.assert_close(plain(out["mask_b"]), torch.rot90(item["mask_b"], 1, (1, 2)))
+    assert not torch.equal(plain(out["mask_b"]), item["mask_b"])
+    assert torch.equal(plain(out["mask_b"]), plain(out["slice_b"]) > 0.5)
+
+
+def test_items_stay_aligned_under_monai_rand_affine_2d():
+    """A random rotation, scaling and shift with nearest interpolation: the mask is still image > threshold."""
+    transforms = pytest.importorskip("monai.transforms")
+    dataset = SlicePairDataset(SAMPLE_IMAGE, size=32, foreground_threshold=0.05)
+    item = dataset[30]  # slices 19 and 21: about 40 % foreground
+    affine = transforms.RandAffined(keys=["slice_a", "mask_a"], prob=1.0, rotate_range=0.6, scale_range=0.2,
+                                    translate_range=3, mode="nearest", padding_mode="zeros")
+    affine.set_random_state(0)
+    out = affine(dict(item))
+    mask = plain(out["mask_a"]) > 0.5  # MONAI resamples in float32
+    assert mask.shape == (1, 32, 32)
+    assert torch.equal(mask, plain(out["slice_a"]) > 0.05)
+    assert not torch.equal(mask, item["mask_a"]) and 0 < mask.float().mean() < 1  # it did move the anatomy
+
+
+def test_subvolume_items_stay_aligned_under_monai_3d_transforms(coord_file):
+    transforms = pytest.importorskip("monai.transforms")
+    dataset = coord_dataset(coord_file, crop_size=6, max_offset=2, foreground_threshold=0.5)
+    item = dataset[3]
+    flipped = transforms.Flipd(keys=["crop_a", "mask_a"], spatial_axis=2)(dict(item))
+    torch.testing.assert_close(plain(flipped["crop_a"]), item["crop_a"].flip(3))
+    torch.testing.assert_close(plain(flipped["mask_a"]), item["mask_a"].flip(3))
+    assert not torch.equal(plain(flipped["mask_a"]), item["mask_a"])
+    rotated = transforms.Rotate90d(keys=["crop_b", "mask_b"], k=1, spatial_axes=(0, 2))(dict(item))
+    assert torch.equal(plain(rotated["mask_b"]), plain(rotated["crop_b"]) > 0.5)
+    assert torch.equal(plain(rotated["mask_b"]), torch.rot90(item["mask_b"], 1, (1, 3)))
+    affine = transforms.RandAffined(keys=["crop_a", "mask_a"], prob=1.0, rotate_range=(0.5, 0.5, 0.5),
+                                    translate_range=1, mode="nearest", padding_mode="zeros")
+    affine.set_random_state(1)
+    out = affine(dict(item))
+    mask = plain(out["mask_a"]) > 0.5
+    assert mask.shape == (1, 6, 6, 6) and torch.equal(mask, plain(out["crop_a"]) > 0.5)
+    assert not torch.equal(mask, item["mask_a"])
+
+
+def test_each_view_its_own_random_transform():
+    """One random transform per view (keys slice_a/mask_a, slice_b/mask_b), as the README shows."""
+    transforms = pytest.importorskip("monai.transforms")
+
+    def view(image, mask):
+        return [transforms.RandAffined(keys=[image, mask], prob=1.0, rotate_range=0.4, translate_range=2,
+                                       mode="nearest", padding_mode="zeros"),
+                transforms.RandFlipd(keys=[image, mask], prob=0.5, spatial_axis=0)]
+
+    pair = transforms.Compose([*view("slice_a", "mask_a"), *view("slice_b", "mask_b"),
+                               transforms.EnsureTyped(keys=["mask_a", "mask_b"], dtype=torch.bool,
+                                                      track_meta=False)])
+    pair.set_random_state(3)
+    dataset = SlicePairDataset(SAMPLE_IMAGE, size=32, foreground_threshold=0.05, transform=pair)
+    plain_items = SlicePairDataset(SAMPLE_IMAGE, size=32, foreground_threshold=0.05)
+    for index in (10, 30):  # pairs of slices with about 40 % foreground
+        item = dataset[index]
+        for view_ in "ab":
+            mask = item[f"mask_{view_}"]
+            assert mask.dtype == torch.bool and mask.shape == (1, 32, 32)
+            assert torch.equal(mask, plain(item[f"slice_{view_}"]) > 0.05)
+        # The same pair as without the transform, and both views moved.
+        before = plain_items[index]
+        assert item["index_a"] == before["index_a"] and item["index_b"] == before["index_b"]
+        assert not torch.equal(item["mask_a"], before["mask_a"]) and not torch.equal(item["mask_b"], before["mask_b"])
+
 
 # ------------------------------------------------------------------------------------------- epochs and workers
 def _with_pid(item):

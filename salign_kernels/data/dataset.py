@@ -114,13 +114,17 @@ class SlicePairDataset(PairDataset):
             ``i / (D - 1)`` lies in ``[low, high]`` (to hold out a distant slab).
         pairs_per_volume: items per volume per epoch.
         seed: base seed of the pair sampling (>= 0).
-        transform: a callable applied to each item dict (e.g. MONAI dictionary transforms).
+        transform: a callable applied to each item dict (e.g. MONAI dictionary transforms: every
+            image and mask is channel-first, so keys ``slice_a``/``mask_a`` and ``slice_b``/``mask_b``
+            take spatial transforms as they are).
 
-    Item (a dict; the default collate stacks a batch):
+    Item (a dict; the default collate stacks a batch), MONAI's channel-first layout:
         ``slice_a``, ``slice_b``: ``(1, size, size)`` float32 in [0, 1];
         ``pos_a``, ``pos_b``: float32 scalars ``i / (D - 1)``, ``j / (D - 1)``;
         ``index_a``, ``index_b``, ``volume``: ints;
-        ``mask_a``, ``mask_b``: ``(size, size)`` bool, only with ``foreground_threshold``.
+        ``mask_a``, ``mask_b``: ``(1, size, size)`` bool, only with ``foreground_threshold``
+        (a batch is ``(B, 1, size, size)``: :func:`salign_kernels.feature_mask` brings it onto the
+        features' grid, the ``(B, h, w)`` the losses take).
 
     Raises:
         FileNotFoundError: a missing file, or a folder without NIfTI files.
@@ -214,6 +218,7 @@ class SlicePairDataset(PairDataset):
             "volume": v,
         }
         if self.foreground_threshold is not None:
-            item["mask_a"] = torch.from_numpy(stack.images[i] > self.foreground_threshold)
-            item["mask_b"] = torch.from_numpy(stack.images[j] > self.foreground_threshold)
+            # Channel-first like the slices, so that MONAI's spatial transforms treat both alike.
+            item["mask_a"] = torch.from_numpy(stack.images[i][None] > self.foreground_threshold)
+            item["mask_b"] = torch.from_numpy(stack.images[j][None] > self.foreground_threshold)
         return item

@@ -56,16 +56,19 @@ class SubVolumePairDataset(PairDataset):
             :func:`~salign_kernels.data.normalize_intensity`).
         pairs_per_volume: items per volume per epoch.
         seed: base seed of the pair sampling (>= 0).
-        transform: a callable applied to each item dict (e.g. MONAI dictionary transforms).
+        transform: a callable applied to each item dict (e.g. MONAI dictionary transforms: every
+            crop and mask is channel-first, so keys ``crop_a``/``mask_a`` and ``crop_b``/``mask_b``
+            take spatial transforms as they are).
         ct_window, mr_percentiles: the normalisation's parameters.
 
-    Item (a dict; the default collate stacks a batch):
+    Item (a dict; the default collate stacks a batch), MONAI's channel-first layout:
         ``crop_a``, ``crop_b``: ``(1, d, h, w)`` float32 in [0, 1], ``(d, h, w) = crop_size``;
         ``pos_a``, ``pos_b``: ``(3,)`` float32 crop centres normalised per axis,
         ``(corner + (crop_size - 1) / 2) / (n - 1)`` (a batch: ``(B, 3)``, what
         ``SALoss(..., pos_dims=3)`` takes);
         ``corner_a``, ``corner_b``: ``(3,)`` int64 corners in voxels; ``volume``: int;
-        ``mask_a``, ``mask_b``: ``(d, h, w)`` bool, only with ``foreground_threshold``.
+        ``mask_a``, ``mask_b``: ``(1, d, h, w)`` bool, only with ``foreground_threshold`` (a batch is
+        ``(B, 1, d, h, w)``: :func:`salign_kernels.feature_mask` brings it onto the features' grid).
 
     Raises:
         FileNotFoundError: a missing file, or a folder without NIfTI files.
@@ -156,6 +159,7 @@ class SubVolumePairDataset(PairDataset):
             "volume": v,
         }
         if self.foreground_threshold is not None:
-            item["mask_a"] = torch.from_numpy(crop_a > self.foreground_threshold)
-            item["mask_b"] = torch.from_numpy(crop_b > self.foreground_threshold)
+            # Channel-first like the crops, so that MONAI's spatial transforms treat both alike.
+            item["mask_a"] = torch.from_numpy(crop_a[None] > self.foreground_threshold)
+            item["mask_b"] = torch.from_numpy(crop_b[None] > self.foreground_threshold)
         return item
