@@ -803,3 +803,150 @@ def test_set_epoch_errors(volume_file, epoch, error, match):
         dataset.set_epoch(epoch)
     assert dataset.epoch == 3  # unchanged
 
+
+# ------------------------------------------------------------------------------------------- volumes in memory
+def load_metatensor(path):
+    """The volume as a MONAI loading pipeline gives it: a channel-first MetaTensor."""
+    transforms = pytest.importorskip("monai.transforms")
+    return transforms.LoadImage(ensure_channel_first=True)(str(path))
+
+
+def assert_same_items(got, want):
+    assert len(got) == len(want)
+    for index in range(len(want)):
+        a, b = got[index], want[index]
+        assert a.keys() == b.keys()
+        for key, value in b.items():
+            if isinstance(value, torch.Tensor):
+                assert a[key].dtype == value.dtype and torch.equal(a[key], value), (index, key)
+            else:
+                assert a[key] == value, (index, key)
+
+
+def test_from_volumes_monai_sample_matches_file():
+    """The bundled sample loaded by MONAI gives the items that its file gives, 2D and 3D."""
+    image = load_metatensor(SAMPLE_IMAGE)
+    assert image.shape == (1, 76, 94, 80)
+    options = {"size": 32, "max_offset": 2, "foreground_threshold": 0.05, "seed": 3}
+    from_file = SlicePairDataset(SAMPLE_IMAGE, **options)
+    from_memory = SlicePairDataset.from_volumes(image, **options)
+    np.testing.assert_array_equal(from_memory.volumes[0].images, from_file.volumes[0].images)
+    assert from_memory.volumes[0].modality == "mr" and from_memory.paths[0].startswith("volumes (")
+    assert_same_items(from_memory, from_file)
+    options = {"crop_size": 16, "spacing": 4.0, "foreground_threshold": 0.05, "seed": 3, "pairs_per_volume": 10}
+    from_file = SubVolumePairDataset(SAMPLE_IMAGE, **options)
+    from_memory = SubVolumePairDataset.from_volumes([image], **options)
+    assert from_memory.volumes[0].spacing == from_file.volumes[0].spacing
+    assert_same_items(from_memory, from_file)
+
+
+def test_from_volumes_metatensor_reoriented_like_file(tmp_path):
+    """A file stored with permuted, flipped axes: its MetaTensor is reoriented to RAS+ as the file is."""
+    affine = np.array([[0.0, 0.0, 1.5, 10.0], [-1.0, 0.0, 0.0, 5.0], [0.0, 2.0, 0.0, -3.0], [0.0, 0.0, 0.0, 1.0]])
+    path = write_nifti(tmp_path / "permuted.nii.gz", coord_volume((12, 10, 8)), affine=affine)
+    image = load_metatensor(path)
+    assert image.shape == (1, 12, 10, 8)  # as stored
+    options = {"crop_size": 4, "modality": "ct", "ct_window": COORD_WINDOW, "pairs_per_volume": 20, "seed": 1}
+    for spacing in (None, 1.0):
+        from_file = SubVolumePairDataset(path, spacing=spacing, **options)
+        from_memory = SubVolumePairDataset.from_volumes(image, spacing=spacing, **options)
+        assert from_file.volumes[0].shape == ((8, 12, 10) if spacing is None else (12, 12, 20))
+        np.testing.assert_array_equal(from_memory.volumes[0].image, from_file.volumes[0].image)
+        assert from_memory.volumes[0].spacing == pytest.approx(from_file.volumes[0].spacing)
+        assert_same_items(from_memory, from_file)
+    assert from_memory.volumes[0].spacing == pytest.approx((1.0, 1.0, 1.0))
+    assert SubVolumePairDataset.from_volumes(image, **options).volumes[0].spacing == pytest.approx((1.5, 1.0, 2.0))
+    slices = {"axis": 1, "size": 12, "modality": "ct", "ct_window": COORD_WINDOW, "foreground_threshold": 0.3}
+    assert_same_items(SlicePairDataset.from_volumes(image, **slices), SlicePairDataset(path, **slices))
+
+
+def test_from_volumes_arrays_and_tensors(tmp_path):
+    """numpy arrays and tensors, plain or channel-first, any real dtype, with voxel_size: the file's items."""
+    array = coord_volume((12, 10, 8))
+    path = write_nifti(tmp_path / "v.nii.gz", array, spacing=(1.0, 2.0, 1.5))
+    options = {"modality": "ct", "ct_window": COORD_WINDOW, "foreground_threshold": 0.3, "seed": 2}
+    want3d = SubVolumePairDataset(path, crop_size=4, spacing=1.0, pairs_per_volume=12, **options)
+    want2d = SlicePairDataset(path, size=16, **options)  # 2 mm in-plane voxels: a padded, resized field of view
+    tensor = torch.from_numpy(array)
+    for volume in (array, array[None], array.astype(np.int32), tensor[None], tensor.double(),
+                   tensor.clone().requires_grad_()):
+        got = SubVolumePairDataset.from_volumes(volume, voxel_size=(1.0, 2.0, 1.5), crop_size=4, spacing=1.0,
+                                                pairs_per_volume=12, **options)
+        assert_same_items(got, want3d)
+        assert_same_items(SlicePairDataset.from_volumes(volume, voxel_size=(1.0, 2.0, 1.5), size=16, **options),
+                          want2d)
+    several = SubVolumePairDataset.from_volumes([array, tensor[:6, :6, :6]], voxel_size=1, crop_size=4,
+                                                pairs_per_volume=5, **options)
+    assert several.paths == ["volumes[0]", "volumes[1]"] and [v.shape for v in several.volumes] == [(12, 10, 8),
+                                                                                                     (6, 6, 6)]
+    assert [several[k]["volume"] for k in range(10)] == [0] * 5 + [1] * 5
+
+
+def test_from_volumes_mixes_metatensors_and_arrays():
+    """voxel_size is for the arrays; a MetaTensor keeps the voxel size of its affine."""
+    monai_data = pytest.importorskip("monai.data")
+    image = monai_data.MetaTensor(torch.from_numpy(coord_volume((12, 10, 8)))[None],
+                                  affine=torch.diag(torch.tensor([2.0, 1.0, 3.0, 1.0], dtype=torch.float64)))
+    dataset = SubVolumePairDataset.from_volumes([image, coord_volume((6, 6, 6))], voxel_size=0.5, crop_size=4)
+    assert [v.spacing for v in dataset.volumes] == [(2.0, 1.0, 3.0), (0.5, 0.5, 0.5)]
+    assert dataset.paths == ["volumes[0]", "volumes[1]"]
+
+
+@pytest.mark.parametrize("volumes, kwargs, error, match", [
+    ("scan.nii.gz", {}, TypeError, r"volumes must be a numpy array, a torch tensor or a MONAI MetaTensor, or a list "
+                                   r"of them; got str \(for files, pass them to the dataset's constructor\)"),
+    ({"image": np.zeros((4, 4, 4))}, {}, TypeError, r"volumes must be a numpy array.*; got dict$"),
+    ([], {}, ValueError, r"volumes is an empty sequence: give at least one volume"),
+    ([np.zeros((4, 4, 4)), [[1.0]]], {"voxel_size": 1.0}, TypeError,
+     r"volumes\[1\] must be a numpy array, a torch tensor or a MONAI MetaTensor; got list$"),
+    ([np.zeros((4, 4, 4)), "b.nii"], {"voxel_size": 1.0}, TypeError, r"volumes\[1\] .* got str \(for files, pass"),
+    (np.zeros((4, 4)), {"voxel_size": 1.0}, ValueError,
+     r"volumes has shape \(4, 4\): a volume must be \(X, Y, Z\) or channel-first \(1, X, Y, Z\)"),
+    (torch.zeros(1, 1, 4, 4, 4), {"voxel_size": 1.0}, ValueError, r"volumes has shape \(1, 1, 4, 4, 4\): a volume"),
+    ([np.zeros((2, 4, 4, 4))], {"voxel_size": 1.0}, ValueError,
+     r"volumes\[0\] has shape \(2, 4, 4, 4\): a 4D volume must be channel-first \(1, X, Y, Z\) with one "
+     r"channel; got 2 channels"),
+    (torch.zeros(4, 4, 4, 1), {"voxel_size": 1.0}, ValueError, r"a 4D volume must be channel-first.*got 4 channels"),
+    (np.zeros((4, 4, 4), dtype=bool), {"voxel_size": 1.0}, TypeError,
+     r"volumes must hold real numbers \(an integer or floating dtype\); got dtype bool"),
+    (torch.zeros(4, 4, 4, dtype=torch.complex64), {"voxel_size": 1.0}, TypeError, r"got dtype torch.complex64"),
+    (torch.zeros(4, 4, 4, dtype=torch.bool), {"voxel_size": 1.0}, TypeError, r"got dtype torch.bool"),
+    (np.full((4, 4, 4), "a"), {"voxel_size": 1.0}, TypeError, r"must hold real numbers.*got dtype <U1"),
+    (np.zeros((0, 4, 4)), {"voxel_size": 1.0}, ValueError, r"volumes has shape \(0, 4, 4\): a volume must not be empty"),
+    (np.zeros((4, 4, 4)), {}, ValueError, r"voxel_size is needed for volumes: numpy arrays and plain tensors carry "
+                                          r"no voxel size"),
+    ([np.zeros((4, 4, 4))], {"voxel_size": 0}, ValueError, r"voxel_size must be > 0 \(mm\) on every axis; got 0"),
+    ([np.zeros((4, 4, 4))], {"voxel_size": (1.0, -2.0, 1.0)}, ValueError, r"voxel_size must be > 0 \(mm\)"),
+    ([np.zeros((4, 4, 4))], {"voxel_size": (1.0, 2.0)}, ValueError, r"voxel_size must have one entry per axis \(3\)"),
+    ([np.zeros((4, 4, 4))], {"voxel_size": "fine"}, TypeError, r"voxel_size must be None, a number or a tuple of 3"),
+])
+@pytest.mark.parametrize("cls", [SlicePairDataset, SubVolumePairDataset])
+def test_from_volumes_bad_input(cls, volumes, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls.from_volumes(volumes, **kwargs)
+
+
+def test_from_volumes_bad_metatensors():
+    monai_data = pytest.importorskip("monai.data")
+    image = monai_data.MetaTensor(torch.zeros(1, 4, 4, 4), affine=torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"voxel_size=\(1.0, 1.0, 1.0\) is given, but every volume is a MetaTensor"):
+        SlicePairDataset.from_volumes([image, image], voxel_size=1.0)
+    flat = monai_data.MetaTensor(torch.zeros(1, 4, 4, 4), affine=torch.diag(torch.tensor([1.0, 0.0, 1.0, 1.0])))
+    with pytest.raises(ValueError, match=r"the voxel size of volumes \(its affine\) must be > 0 \(mm\) on every "
+                                         r"axis; got \(1.0, 0.0, 1.0\)"):
+        SubVolumePairDataset.from_volumes(flat)
+    planar = monai_data.MetaTensor(torch.zeros(4, 4, 4), affine=torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"volumes\[0\] is a MetaTensor whose affine has shape \(3, 3\)"):
+        SlicePairDataset.from_volumes([planar])
+
+
+def test_from_volumes_checks_options_first_and_volume_sizes():
+    with pytest.raises(ValueError, match=r"size must be >= 1; got 0"):
+        SlicePairDataset.from_volumes("not a volume", size=0)
+    with pytest.raises(ValueError, match=r"crop_size must be >= 1; got 0"):
+        SubVolumePairDataset.from_volumes("not a volume", crop_size=0)
+    with pytest.raises(ValueError, match=r"'volumes' has 1 slice along axis=2: a slice pair needs at least 2"):
+        SlicePairDataset.from_volumes(np.ones((4, 4, 1)), voxel_size=1.0)
+    with pytest.raises(ValueError, match=r"crop_size \(8, 8, 8\) is larger than the volume: 'volumes\[0\]' has "
+                                         r"shape \(4, 4, 4\)"):
+        SubVolumePairDataset.from_volumes([np.ones((4, 4, 4))], voxel_size=1.0, crop_size=8)

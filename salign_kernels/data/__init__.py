@@ -2,7 +2,9 @@
 
 Needs the optional packages of the ``data`` extra (``pip install "salign-kernels[data]"``): nibabel
 reads the files. This package imports without them; the first function that reads a file says what
-is missing. Every image and mask of an item is channel-first, as MONAI's dictionary transforms expect.
+is missing. Volumes already in memory (numpy arrays, tensors, MONAI MetaTensors) make pairs through
+``SlicePairDataset.from_volumes`` and ``SubVolumePairDataset.from_volumes``. Every image and mask of
+an item is channel-first, as MONAI's dictionary transforms expect.
 
 Example:
     >>> from salign_kernels.data import SlicePairDataset, SubVolumePairDataset, SAMPLE_IMAGE
@@ -19,7 +21,7 @@ from .sample import SAMPLE_CLASSES, SAMPLE_IMAGE, SAMPLE_LABEL, sample_paths
 from .slices import sample_pair, to_slices
 from .subvolume_dataset import SubVolumePairDataset
 from .subvolumes import crop_position, sample_crop_pair
-from .volumes import NormalizedVolume, load_normalized_volume, resample_to_spacing
+from .volumes import NormalizedVolume, load_normalized_volume, normalize_volume, resample_to_spacing
 
 __all__ = [
     "SlicePairDataset",
@@ -28,6 +30,7 @@ __all__ = [
     "SubVolumePairDataset",
     "NormalizedVolume",
     "load_normalized_volume",
+    "normalize_volume",
     "resample_to_spacing",
     "sample_crop_pair",
     "crop_position",
