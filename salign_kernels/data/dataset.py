@@ -44,8 +44,8 @@ class SliceStack:
 
 def _slice_stack(volume: NormalizedVolume, axis: int, size: int) -> SliceStack:
     """Cut a normalised volume into its ``(D, size, size)`` slices along ``axis``."""
-    return SliceStack(images=to_slices(volume.image, axis, size, volume.spacing), labels=None, path=volume.path,
-                      modality=volume.modality)
+    images = to_slices(volume.image, axis, size, volume.spacing)
+    return SliceStack(images=images, labels=None, path=volume.path, modality=volume.modality)
 
 
 def load_slices(
@@ -172,7 +172,8 @@ class SlicePairDataset(PairDataset):
             ct_window=ct_window, mr_percentiles=mr_percentiles)
         self.paths = volume_paths(data)
         # One file at a time: only its slices stay in memory, not the full-resolution volume.
-        self._keep((load_normalized_volume(path, **self._normalisation) for path in self.paths), pairs_per_volume)
+        self._keep((load_normalized_volume(path, **self._normalisation) for path in self.paths),
+                   pairs_per_volume)
 
     @classmethod
     def from_volumes(
@@ -237,7 +238,8 @@ class SlicePairDataset(PairDataset):
             ct_window=ct_window, mr_percentiles=mr_percentiles)
         raw = volumes_from_memory(volumes, voxel_size)
         dataset.paths = [volume.path for volume in raw]
-        dataset._keep((normalize_volume(volume, **dataset._normalisation) for volume in raw), pairs_per_volume)
+        dataset._keep((normalize_volume(volume, **dataset._normalisation) for volume in raw),
+                      pairs_per_volume)
         return dataset
 
     def _configure(self, *, axis, size, max_offset, foreground_threshold, modality, slab, pairs_per_volume,

@@ -136,6 +136,13 @@ def _is_metatensor(data) -> bool:
     return cls is not None and isinstance(data, cls)
 
 
+def _file_hint(data) -> str:
+    """What to say to someone who passes a path where a volume in memory belongs."""
+    if isinstance(data, (str, os.PathLike)):
+        return " (for files, pass them to the dataset's constructor)"
+    return ""
+
+
 def _numeric_array(data, name: str) -> np.ndarray:
     """``data`` (a numpy array or a tensor, MetaTensor included) as a float32 numpy array."""
     if isinstance(data, torch.Tensor):
@@ -145,9 +152,9 @@ def _numeric_array(data, name: str) -> np.ndarray:
         dtype = data.dtype
         numeric = np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
     else:
-        hint = " (for files, pass them to the dataset's constructor)" if isinstance(data, (str, os.PathLike)) else ""
         raise TypeError(
-            f"{name} must be a numpy array, a torch tensor or a MONAI MetaTensor; got {type(data).__name__}{hint}"
+            f"{name} must be a numpy array, a torch tensor or a MONAI MetaTensor; got "
+            f"{type(data).__name__}{_file_hint(data)}"
         )
     if not numeric:
         raise TypeError(f"{name} must hold real numbers (an integer or floating dtype); got dtype {dtype}")
@@ -218,7 +225,9 @@ def as_volume(data, *, name: str, voxel_size: Optional[Tuple[float, float, float
         return Volume(array=array, spacing=tuple(voxel_size), path=name)
     affine = np.asarray(data.affine.detach().cpu(), dtype=np.float64)
     if affine.shape != (4, 4):
-        raise ValueError(f"{name} is a MetaTensor whose affine has shape {affine.shape}; a 3D volume needs 4 x 4")
+        raise ValueError(
+            f"{name} is a MetaTensor whose affine has shape {affine.shape}; a 3D volume needs 4 x 4"
+        )
     spacing = _affine_voxel_size(affine, name)
     orientations = require("nibabel").orientations
     ornt = orientations.io_orientation(affine)  # row i: the RAS axis input axis i runs along, and its sign
@@ -253,14 +262,13 @@ def volumes_from_memory(volumes, voxel_size=None) -> List[Volume]:
             raise ValueError("volumes is an empty sequence: give at least one volume")
         named = [(f"volumes[{k}]", v) for k, v in enumerate(volumes)]
     else:
-        hint = " (for files, pass them to the dataset's constructor)" if isinstance(volumes, (str, os.PathLike)) else ""
         raise TypeError(
             "volumes must be a numpy array, a torch tensor or a MONAI MetaTensor, or a list of them; "
-            f"got {type(volumes).__name__}{hint}"
+            f"got {type(volumes).__name__}{_file_hint(volumes)}"
         )
     if voxel_size is not None and all(_is_metatensor(v) for _, v in named):
         raise ValueError(
-            f"voxel_size={voxel_size} is given, but every volume is a MetaTensor, whose affine gives its voxel "
-            "size: leave voxel_size out (or resample the MetaTensors with MONAI's Spacing)"
+            f"voxel_size={voxel_size} is given, but every volume is a MetaTensor, whose affine gives its "
+            "voxel size: leave voxel_size out (or resample the MetaTensors with MONAI's Spacing)"
         )
     return [as_volume(v, name=name, voxel_size=voxel_size) for name, v in named]

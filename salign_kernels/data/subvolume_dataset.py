@@ -106,11 +106,12 @@ class SubVolumePairDataset(PairDataset):
     ) -> None:
         # Every option is checked before any file is read, so a typo fails at once.
         pairs_per_volume = self._configure(
-            crop_size=crop_size, max_offset=max_offset, spacing=spacing, foreground_threshold=foreground_threshold,
-            modality=modality, pairs_per_volume=pairs_per_volume, seed=seed, transform=transform,
-            ct_window=ct_window, mr_percentiles=mr_percentiles)
+            crop_size=crop_size, max_offset=max_offset, spacing=spacing,
+            foreground_threshold=foreground_threshold, modality=modality, pairs_per_volume=pairs_per_volume,
+            seed=seed, transform=transform, ct_window=ct_window, mr_percentiles=mr_percentiles)
         self.paths = volume_paths(data)
-        self._keep((load_normalized_volume(path, **self._normalisation) for path in self.paths), pairs_per_volume)
+        self._keep((load_normalized_volume(path, **self._normalisation) for path in self.paths),
+                   pairs_per_volume)
 
     @classmethod
     def from_volumes(
@@ -164,16 +165,18 @@ class SubVolumePairDataset(PairDataset):
         Example:
             >>> from monai.transforms import Compose, LoadImage, Orientation
             >>> load = Compose([LoadImage(ensure_channel_first=True), Orientation("RAS")])
-            >>> dataset = SubVolumePairDataset.from_volumes([load(p) for p in paths], crop_size=32, spacing=3.0)
+            >>> volumes = [load(p) for p in paths]
+            >>> dataset = SubVolumePairDataset.from_volumes(volumes, crop_size=32, spacing=3.0)
         """
         dataset = cls.__new__(cls)
         pairs_per_volume = dataset._configure(
-            crop_size=crop_size, max_offset=max_offset, spacing=spacing, foreground_threshold=foreground_threshold,
-            modality=modality, pairs_per_volume=pairs_per_volume, seed=seed, transform=transform,
-            ct_window=ct_window, mr_percentiles=mr_percentiles)
+            crop_size=crop_size, max_offset=max_offset, spacing=spacing,
+            foreground_threshold=foreground_threshold, modality=modality, pairs_per_volume=pairs_per_volume,
+            seed=seed, transform=transform, ct_window=ct_window, mr_percentiles=mr_percentiles)
         raw = volumes_from_memory(volumes, voxel_size)
         dataset.paths = [volume.path for volume in raw]
-        dataset._keep((normalize_volume(volume, **dataset._normalisation) for volume in raw), pairs_per_volume)
+        dataset._keep((normalize_volume(volume, **dataset._normalisation) for volume in raw),
+                      pairs_per_volume)
         return dataset
 
     def _configure(self, *, crop_size, max_offset, spacing, foreground_threshold, modality, pairs_per_volume,

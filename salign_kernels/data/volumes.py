@@ -1,4 +1,5 @@
-"""A NIfTI file (or a volume already in memory) -> one normalised volume, optionally resampled to a voxel size.
+"""A NIfTI file (or a volume already in memory) -> one normalised volume, optionally resampled to a
+voxel size.
 
 The first step of both slice pairs (:func:`~salign_kernels.data.load_slices` cuts the volume into
 slices) and sub-volume pairs (:class:`~salign_kernels.data.SubVolumePairDataset` crops it).
@@ -96,7 +97,8 @@ def normalize_volume(
         TypeError: a ``spacing`` that is not a number or a tuple of 3 numbers.
     """
     target = check_spacing(spacing)
-    image, used = normalize_intensity(volume.array, modality, ct_window=ct_window, mr_percentiles=mr_percentiles)
+    image, used = normalize_intensity(volume.array, modality, ct_window=ct_window,
+                                      mr_percentiles=mr_percentiles)
     voxel = volume.spacing
     if target is not None:
         image, voxel = resample_to_spacing(image, voxel, target)
