@@ -95,7 +95,8 @@ class SALEncoder(nn.Module):
 class SALPretrainer(nn.Module):
     """Encoder + ``SALoss`` in one module, so DDP sees (and all-reduces) every trained parameter.
 
-    ``image_a``, ``image_b``: ``(B, 1, *spatial)`` slices or crops; masks ``(B, *spatial)``.
+    ``image_a``, ``image_b``: ``(B, 1, *spatial)`` slices or crops; masks ``(B, 1, *spatial)`` bool, as the
+    pair datasets give them (channel-first), brought onto the features' grid by ``feature_mask``.
     """
 
     def __init__(self, encoder: SALEncoder, criterion: sk.SALoss) -> None:
@@ -186,8 +187,9 @@ def make_loader(dataset, args, run: Run):
     """
     sampler = DistributedSampler(dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
+    # Workers can outlive an epoch: the dataset's set_epoch reaches them (its epoch is in shared memory).
     loader = DataLoader(dataset, batch_size=args.batch_size // run.world, sampler=sampler, drop_last=True,
-                        num_workers=args.workers, persistent_workers=False)
+                        num_workers=args.workers, persistent_workers=args.workers > 0)
     if len(loader) == 0:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(dataset)} pairs of an epoch")
     return sampler, loader

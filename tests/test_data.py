@@ -4,6 +4,7 @@ datasets, errors."""
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,7 @@ from salign_kernels.data import (  # noqa: E402
     to_slices,
 )
 from salign_kernels.data.sample import SAMPLE_DIR  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, default_collate  # noqa: E402
 
 
 def write_nifti(path, array, spacing=(1.0, 1.0, 1.0), affine=None):
@@ -201,8 +203,8 @@ def test_dataset_items(volume_file):
         # The ramp's value grows with the slice index, so each slice is recognisable after normalising.
         stack = dataset.volumes[0].images
         torch.testing.assert_close(item["slice_b"][0], torch.from_numpy(stack[j]))
-        torch.testing.assert_close(item["mask_a"], torch.from_numpy(stack[i] > 0.5))
-        assert item["mask_a"].dtype == torch.bool and item["mask_a"].shape == (16, 16)
+        torch.testing.assert_close(item["mask_a"], torch.from_numpy(stack[i][None] > 0.5))
+        assert item["mask_a"].dtype == torch.bool and item["mask_a"].shape == (1, 16, 16)  # channel-first
 
 
 def test_dataset_masks_only_with_threshold(volume_file):
@@ -222,7 +224,7 @@ def test_dataset_in_dataloader_with_workers(volume_file):
     dataset = SlicePairDataset(volume_file, size=8, pairs_per_volume=12, foreground_threshold=0.2)
     batches = [next(iter(torch.utils.data.DataLoader(dataset, batch_size=6, num_workers=n))) for n in (0, 2)]
     assert batches[0]["slice_a"].shape == (6, 1, 8, 8) and batches[0]["pos_a"].shape == (6,)
-    assert batches[0]["mask_b"].shape == (6, 8, 8)
+    assert batches[0]["mask_b"].shape == (6, 1, 8, 8)
     for key in ("slice_a", "slice_b", "pos_a", "pos_b", "mask_a", "index_b"):
         torch.testing.assert_close(batches[0][key], batches[1][key])
 
@@ -463,11 +465,11 @@ def test_subvolume_masks(coord_file):
     assert len(dataset) == 2 * 2 * 2  # the default: the crops it takes to tile the volume
     for index in range(len(dataset)):
         item = dataset[index]
-        assert item["mask_a"].shape == (6, 6, 6) and item["mask_b"].dtype == torch.bool
+        assert item["mask_a"].shape == (1, 6, 6, 6) and item["mask_b"].dtype == torch.bool  # channel-first
         # Values above 0.5 are the voxels with z >= 5: part of every crop, never all of it.
         assert 0 < item["mask_a"].float().mean() < 1
-        torch.testing.assert_close(item["mask_a"], item["crop_a"][0] > 0.5)
-        torch.testing.assert_close(item["mask_b"], item["crop_b"][0] > 0.5)
+        torch.testing.assert_close(item["mask_a"], item["crop_a"] > 0.5)
+        torch.testing.assert_close(item["mask_b"], item["crop_b"] > 0.5)
 
 
 def test_subvolume_deterministic_per_epoch_and_seed(coord_file):
@@ -488,7 +490,7 @@ def test_subvolume_in_dataloader_with_workers(coord_file):
     dataset.set_epoch(2)
     batches = [list(torch.utils.data.DataLoader(dataset, batch_size=6, num_workers=n)) for n in (0, 2)]
     assert batches[0][0]["crop_a"].shape == (6, 1, 4, 4, 4) and batches[0][0]["pos_a"].shape == (6, 3)
-    assert batches[0][0]["mask_b"].shape == (6, 4, 4, 4) and batches[0][0]["corner_a"].shape == (6, 3)
+    assert batches[0][0]["mask_b"].shape == (6, 1, 4, 4, 4) and batches[0][0]["corner_a"].shape == (6, 3)
     for main, worker in zip(*batches):
         for key in ("crop_a", "crop_b", "pos_a", "pos_b", "corner_a", "corner_b", "mask_a", "volume"):
             torch.testing.assert_close(main[key], worker[key])
@@ -606,3 +608,345 @@ def test_subvolume_file_errors(tmp_path):
     path = write_nifti(tmp_path / "flat.nii.gz", np.zeros((10, 12), dtype=np.float32))
     with pytest.raises(ValueError, match=r"flat\.nii\.gz' has shape \(10, 12\).*this is a 2D image"):
         SubVolumePairDataset(path)
+
+
+# ------------------------------------------------------------------------------------------- MONAI transforms
+def plain(tensor):
+    """A MONAI MetaTensor as a plain tensor (comparisons then compare values only)."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+
+
+#: The CT window that maps asymmetric_file's values to (0, 1], unclipped.
+ASYMMETRIC_WINDOW = (0.0, 127.0)
+
+
+def asymmetric_slices(tmp_path):
+    """Slice pairs of a (10, 12, 4) volume whose every in-plane voxel has its own value: slices (1, 12, 12)
+    (10 rows padded to 12), masks ``value > 0.5``, true in the lower rows only."""
+    x, y, z = np.meshgrid(np.arange(10), np.arange(12), np.arange(4), indexing="ij")
+    path = write_nifti(tmp_path / "asym.nii.gz", (1 + 12 * x + y + 2 * z).astype(np.float32))
+    return SlicePairDataset(path, size=12, modality="ct", ct_window=ASYMMETRIC_WINDOW, foreground_threshold=0.5)
+
+
+def test_items_are_channel_first_for_monai_flip(tmp_path):
+    """Flipd(spatial_axis=0) flips the first spatial axis of the slice and of its mask alike."""
+    transforms = pytest.importorskip("monai.transforms")
+    item = asymmetric_slices(tmp_path)[1]
+    assert item["mask_a"].shape == item["slice_a"].shape == (1, 12, 12)
+    assert 0 < item["mask_a"].float().mean() < 1
+    out = transforms.Flipd(keys=["slice_a", "mask_a"], spatial_axis=0)(dict(item))
+    torch.testing.assert_close(plain(out["slice_a"]), item["slice_a"].flip(1))
+    torch.testing.assert_close(plain(out["mask_a"]), item["mask_a"].flip(1))
+    assert not torch.equal(plain(out["mask_a"]), item["mask_a"])  # the item is not symmetric: the flip shows
+    assert torch.equal(plain(out["mask_a"]), plain(out["slice_a"]) > 0.5)
+    assert out["slice_b"] is item["slice_b"] and out["mask_b"] is item["mask_b"]  # view b is left alone
+
+
+def test_items_are_channel_first_for_monai_rotate90(tmp_path):
+    transforms = pytest.importorskip("monai.transforms")
+    item = asymmetric_slices(tmp_path)[2]
+    out = transforms.Rotate90d(keys=["slice_b", "mask_b"], k=1)(dict(item))
+    torch.testing.assert_close(plain(out["slice_b"]), torch.rot90(item["slice_b"], 1, (1, 2)))
+    torch.testing.assert_close(plain(out["mask_b"]), torch.rot90(item["mask_b"], 1, (1, 2)))
+    assert not torch.equal(plain(out["mask_b"]), item["mask_b"])
+    assert torch.equal(plain(out["mask_b"]), plain(out["slice_b"]) > 0.5)
+
+
+def test_items_stay_aligned_under_monai_rand_affine_2d():
+    """A random rotation, scaling and shift with nearest interpolation: the mask is still image > threshold."""
+    transforms = pytest.importorskip("monai.transforms")
+    dataset = SlicePairDataset(SAMPLE_IMAGE, size=32, foreground_threshold=0.05)
+    item = dataset[30]  # slices 19 and 21: about 40 % foreground
+    affine = transforms.RandAffined(keys=["slice_a", "mask_a"], prob=1.0, rotate_range=0.6, scale_range=0.2,
+                                    translate_range=3, mode="nearest", padding_mode="zeros")
+    affine.set_random_state(0)
+    out = affine(dict(item))
+    mask = plain(out["mask_a"]) > 0.5  # MONAI resamples in float32
+    assert mask.shape == (1, 32, 32)
+    assert torch.equal(mask, plain(out["slice_a"]) > 0.05)
+    assert not torch.equal(mask, item["mask_a"]) and 0 < mask.float().mean() < 1  # it did move the anatomy
+
+
+def test_subvolume_items_stay_aligned_under_monai_3d_transforms(coord_file):
+    transforms = pytest.importorskip("monai.transforms")
+    dataset = coord_dataset(coord_file, crop_size=6, max_offset=2, foreground_threshold=0.5)
+    item = dataset[3]
+    flipped = transforms.Flipd(keys=["crop_a", "mask_a"], spatial_axis=2)(dict(item))
+    torch.testing.assert_close(plain(flipped["crop_a"]), item["crop_a"].flip(3))
+    torch.testing.assert_close(plain(flipped["mask_a"]), item["mask_a"].flip(3))
+    assert not torch.equal(plain(flipped["mask_a"]), item["mask_a"])
+    rotated = transforms.Rotate90d(keys=["crop_b", "mask_b"], k=1, spatial_axes=(0, 2))(dict(item))
+    assert torch.equal(plain(rotated["mask_b"]), plain(rotated["crop_b"]) > 0.5)
+    assert torch.equal(plain(rotated["mask_b"]), torch.rot90(item["mask_b"], 1, (1, 3)))
+    affine = transforms.RandAffined(keys=["crop_a", "mask_a"], prob=1.0, rotate_range=(0.5, 0.5, 0.5),
+                                    translate_range=1, mode="nearest", padding_mode="zeros")
+    affine.set_random_state(1)
+    out = affine(dict(item))
+    mask = plain(out["mask_a"]) > 0.5
+    assert mask.shape == (1, 6, 6, 6) and torch.equal(mask, plain(out["crop_a"]) > 0.5)
+    assert not torch.equal(mask, item["mask_a"])
+
+
+def test_each_view_its_own_random_transform():
+    """One random transform per view (keys slice_a/mask_a, slice_b/mask_b), as the README shows."""
+    transforms = pytest.importorskip("monai.transforms")
+
+    def view(image, mask):
+        return [transforms.RandAffined(keys=[image, mask], prob=1.0, rotate_range=0.4, translate_range=2,
+                                       mode="nearest", padding_mode="zeros"),
+                transforms.RandFlipd(keys=[image, mask], prob=0.5, spatial_axis=0)]
+
+    pair = transforms.Compose([*view("slice_a", "mask_a"), *view("slice_b", "mask_b"),
+                               transforms.EnsureTyped(keys=["mask_a", "mask_b"], dtype=torch.bool,
+                                                      track_meta=False)])
+    pair.set_random_state(3)
+    dataset = SlicePairDataset(SAMPLE_IMAGE, size=32, foreground_threshold=0.05, transform=pair)
+    plain_items = SlicePairDataset(SAMPLE_IMAGE, size=32, foreground_threshold=0.05)
+    for index in (10, 30):  # pairs of slices with about 40 % foreground
+        item = dataset[index]
+        for view_ in "ab":
+            mask = item[f"mask_{view_}"]
+            assert mask.dtype == torch.bool and mask.shape == (1, 32, 32)
+            assert torch.equal(mask, plain(item[f"slice_{view_}"]) > 0.05)
+        # The same pair as without the transform, and both views moved.
+        before = plain_items[index]
+        assert item["index_a"] == before["index_a"] and item["index_b"] == before["index_b"]
+        assert not torch.equal(item["mask_a"], before["mask_a"]) and not torch.equal(item["mask_b"], before["mask_b"])
+
+
+# ------------------------------------------------------------------------------------------- epochs and workers
+def _with_pid(item):
+    """Tag an item with the process that drew it (at module level: spawned workers unpickle it by name)."""
+    return {**item, "pid": os.getpid()}
+
+
+def main_process_batches(dataset, batch_size, order=None):
+    """What the DataLoader should give: the main process's items of the current epoch, collated."""
+    order = range(len(dataset)) if order is None else order
+    items = [dataset[k] for k in order]
+    return [default_collate(items[k:k + batch_size]) for k in range(0, len(items), batch_size)]
+
+
+def assert_same_batches(got, want, keys):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for key in keys:
+            torch.testing.assert_close(g[key], w[key], rtol=0, atol=0)
+
+
+def check_persistent_workers(dataset, keys, context):
+    """Two epochs through two persistent workers: each gives the main process's items of its epoch."""
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True,
+                        multiprocessing_context=context)
+    drawn, workers = [], []
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        assert_same_batches(batches, main_process_batches(dataset, 4), keys)
+        drawn.append(torch.cat([b[keys[0]] for b in batches]))
+        workers.append(set(torch.cat([b["pid"] for b in batches]).tolist()))
+    assert not torch.equal(drawn[0], drawn[1])  # fresh pairs in the second epoch
+    # The same two worker processes served both epochs: they are persistent, not restarted.
+    assert workers[0] == workers[1] and len(workers[0]) == 2 and os.getpid() not in workers[0]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_set_epoch_reaches_persistent_workers(volume_file, context):
+    dataset = SlicePairDataset(volume_file, size=8, pairs_per_volume=16, foreground_threshold=0.3, seed=4,
+                               transform=_with_pid)
+    check_persistent_workers(dataset, ("index_a", "index_b", "slice_a", "slice_b", "pos_a", "mask_b"), context)
+
+
+def test_subvolume_set_epoch_reaches_persistent_workers(coord_file):
+    dataset = coord_dataset(coord_file, crop_size=4, pairs_per_volume=16, foreground_threshold=0.3,
+                            transform=_with_pid)
+    check_persistent_workers(dataset, ("corner_a", "corner_b", "crop_a", "pos_b", "mask_a"), "fork")
+
+
+def test_set_epoch_with_distributed_sampler_and_persistent_workers(volume_file):
+    """Each DDP rank (its own dataset, sampler and persistent workers) gets its own share of each epoch's
+    items, and those are the items of that epoch."""
+    options = {"size": 8, "pairs_per_volume": 12, "seed": 1}
+    reference = SlicePairDataset(volume_file, **options)
+    ranks = []
+    for rank in range(2):
+        dataset = SlicePairDataset(volume_file, **options)
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        ranks.append((dataset, sampler, DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=2,
+                                                   persistent_workers=True)))
+    pairs = []
+    for epoch in (0, 1):
+        reference.set_epoch(epoch)
+        shares = []
+        for dataset, sampler, loader in ranks:
+            dataset.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            assert_same_batches(list(loader), main_process_batches(reference, 2, order),
+                                ("index_a", "index_b", "slice_a", "pos_b"))
+            shares.append(order)
+        assert sorted(shares[0] + shares[1]) == list(range(12))  # disjoint shares that cover the epoch
+        pairs.append([(reference[k]["index_a"], reference[k]["index_b"]) for k in range(12)])
+    assert pairs[0] != pairs[1]
+
+
+@pytest.mark.parametrize("epoch, error, match", [
+    (-1, ValueError, r"epoch must be >= 0; got -1"),
+    (1.5, TypeError, r"epoch must be an int; got 1.5 \(float\)"),
+    ("2", TypeError, r"epoch must be an int; got '2' \(str\)"),
+])
+def test_set_epoch_errors(volume_file, epoch, error, match):
+    dataset = SlicePairDataset(volume_file, size=8)
+    dataset.set_epoch(np.int64(3))
+    assert dataset.epoch == 3
+    with pytest.raises(error, match=match):
+        dataset.set_epoch(epoch)
+    assert dataset.epoch == 3  # unchanged
+
+
+# ------------------------------------------------------------------------------------------- volumes in memory
+def load_metatensor(path):
+    """The volume as a MONAI loading pipeline gives it: a channel-first MetaTensor."""
+    transforms = pytest.importorskip("monai.transforms")
+    return transforms.LoadImage(ensure_channel_first=True)(str(path))
+
+
+def assert_same_items(got, want):
+    assert len(got) == len(want)
+    for index in range(len(want)):
+        a, b = got[index], want[index]
+        assert a.keys() == b.keys()
+        for key, value in b.items():
+            if isinstance(value, torch.Tensor):
+                assert a[key].dtype == value.dtype and torch.equal(a[key], value), (index, key)
+            else:
+                assert a[key] == value, (index, key)
+
+
+def test_from_volumes_monai_sample_matches_file():
+    """The bundled sample loaded by MONAI gives the items that its file gives, 2D and 3D."""
+    image = load_metatensor(SAMPLE_IMAGE)
+    assert image.shape == (1, 76, 94, 80)
+    options = {"size": 32, "max_offset": 2, "foreground_threshold": 0.05, "seed": 3}
+    from_file = SlicePairDataset(SAMPLE_IMAGE, **options)
+    from_memory = SlicePairDataset.from_volumes(image, **options)
+    np.testing.assert_array_equal(from_memory.volumes[0].images, from_file.volumes[0].images)
+    assert from_memory.volumes[0].modality == "mr" and from_memory.paths[0].startswith("volumes (")
+    assert_same_items(from_memory, from_file)
+    options = {"crop_size": 16, "spacing": 4.0, "foreground_threshold": 0.05, "seed": 3, "pairs_per_volume": 10}
+    from_file = SubVolumePairDataset(SAMPLE_IMAGE, **options)
+    from_memory = SubVolumePairDataset.from_volumes([image], **options)
+    assert from_memory.volumes[0].spacing == from_file.volumes[0].spacing
+    assert_same_items(from_memory, from_file)
+
+
+def test_from_volumes_metatensor_reoriented_like_file(tmp_path):
+    """A file stored with permuted, flipped axes: its MetaTensor is reoriented to RAS+ as the file is."""
+    affine = np.array([[0.0, 0.0, 1.5, 10.0], [-1.0, 0.0, 0.0, 5.0], [0.0, 2.0, 0.0, -3.0], [0.0, 0.0, 0.0, 1.0]])
+    path = write_nifti(tmp_path / "permuted.nii.gz", coord_volume((12, 10, 8)), affine=affine)
+    image = load_metatensor(path)
+    assert image.shape == (1, 12, 10, 8)  # as stored
+    options = {"crop_size": 4, "modality": "ct", "ct_window": COORD_WINDOW, "pairs_per_volume": 20, "seed": 1}
+    for spacing in (None, 1.0):
+        from_file = SubVolumePairDataset(path, spacing=spacing, **options)
+        from_memory = SubVolumePairDataset.from_volumes(image, spacing=spacing, **options)
+        assert from_file.volumes[0].shape == ((8, 12, 10) if spacing is None else (12, 12, 20))
+        np.testing.assert_array_equal(from_memory.volumes[0].image, from_file.volumes[0].image)
+        assert from_memory.volumes[0].spacing == pytest.approx(from_file.volumes[0].spacing)
+        assert_same_items(from_memory, from_file)
+    assert from_memory.volumes[0].spacing == pytest.approx((1.0, 1.0, 1.0))
+    assert SubVolumePairDataset.from_volumes(image, **options).volumes[0].spacing == pytest.approx((1.5, 1.0, 2.0))
+    slices = {"axis": 1, "size": 12, "modality": "ct", "ct_window": COORD_WINDOW, "foreground_threshold": 0.3}
+    assert_same_items(SlicePairDataset.from_volumes(image, **slices), SlicePairDataset(path, **slices))
+
+
+def test_from_volumes_arrays_and_tensors(tmp_path):
+    """numpy arrays and tensors, plain or channel-first, any real dtype, with voxel_size: the file's items."""
+    array = coord_volume((12, 10, 8))
+    path = write_nifti(tmp_path / "v.nii.gz", array, spacing=(1.0, 2.0, 1.5))
+    options = {"modality": "ct", "ct_window": COORD_WINDOW, "foreground_threshold": 0.3, "seed": 2}
+    want3d = SubVolumePairDataset(path, crop_size=4, spacing=1.0, pairs_per_volume=12, **options)
+    want2d = SlicePairDataset(path, size=16, **options)  # 2 mm in-plane voxels: a padded, resized field of view
+    tensor = torch.from_numpy(array)
+    for volume in (array, array[None], array.astype(np.int32), tensor[None], tensor.double(),
+                   tensor.clone().requires_grad_()):
+        got = SubVolumePairDataset.from_volumes(volume, voxel_size=(1.0, 2.0, 1.5), crop_size=4, spacing=1.0,
+                                                pairs_per_volume=12, **options)
+        assert_same_items(got, want3d)
+        assert_same_items(SlicePairDataset.from_volumes(volume, voxel_size=(1.0, 2.0, 1.5), size=16, **options),
+                          want2d)
+    several = SubVolumePairDataset.from_volumes([array, tensor[:6, :6, :6]], voxel_size=1, crop_size=4,
+                                                pairs_per_volume=5, **options)
+    assert several.paths == ["volumes[0]", "volumes[1]"] and [v.shape for v in several.volumes] == [(12, 10, 8),
+                                                                                                     (6, 6, 6)]
+    assert [several[k]["volume"] for k in range(10)] == [0] * 5 + [1] * 5
+
+
+def test_from_volumes_mixes_metatensors_and_arrays():
+    """voxel_size is for the arrays; a MetaTensor keeps the voxel size of its affine."""
+    monai_data = pytest.importorskip("monai.data")
+    image = monai_data.MetaTensor(torch.from_numpy(coord_volume((12, 10, 8)))[None],
+                                  affine=torch.diag(torch.tensor([2.0, 1.0, 3.0, 1.0], dtype=torch.float64)))
+    dataset = SubVolumePairDataset.from_volumes([image, coord_volume((6, 6, 6))], voxel_size=0.5, crop_size=4)
+    assert [v.spacing for v in dataset.volumes] == [(2.0, 1.0, 3.0), (0.5, 0.5, 0.5)]
+    assert dataset.paths == ["volumes[0]", "volumes[1]"]
+
+
+@pytest.mark.parametrize("volumes, kwargs, error, match", [
+    ("scan.nii.gz", {}, TypeError, r"volumes must be a numpy array, a torch tensor or a MONAI MetaTensor, or a list "
+                                   r"of them; got str \(for files, pass them to the dataset's constructor\)"),
+    ({"image": np.zeros((4, 4, 4))}, {}, TypeError, r"volumes must be a numpy array.*; got dict$"),
+    ([], {}, ValueError, r"volumes is an empty sequence: give at least one volume"),
+    ([np.zeros((4, 4, 4)), [[1.0]]], {"voxel_size": 1.0}, TypeError,
+     r"volumes\[1\] must be a numpy array, a torch tensor or a MONAI MetaTensor; got list$"),
+    ([np.zeros((4, 4, 4)), "b.nii"], {"voxel_size": 1.0}, TypeError, r"volumes\[1\] .* got str \(for files, pass"),
+    (np.zeros((4, 4)), {"voxel_size": 1.0}, ValueError,
+     r"volumes has shape \(4, 4\): a volume must be \(X, Y, Z\) or channel-first \(1, X, Y, Z\)"),
+    (torch.zeros(1, 1, 4, 4, 4), {"voxel_size": 1.0}, ValueError, r"volumes has shape \(1, 1, 4, 4, 4\): a volume"),
+    ([np.zeros((2, 4, 4, 4))], {"voxel_size": 1.0}, ValueError,
+     r"volumes\[0\] has shape \(2, 4, 4, 4\): a 4D volume must be channel-first \(1, X, Y, Z\) with one "
+     r"channel; got 2 channels"),
+    (torch.zeros(4, 4, 4, 1), {"voxel_size": 1.0}, ValueError, r"a 4D volume must be channel-first.*got 4 channels"),
+    (np.zeros((4, 4, 4), dtype=bool), {"voxel_size": 1.0}, TypeError,
+     r"volumes must hold real numbers \(an integer or floating dtype\); got dtype bool"),
+    (torch.zeros(4, 4, 4, dtype=torch.complex64), {"voxel_size": 1.0}, TypeError, r"got dtype torch.complex64"),
+    (torch.zeros(4, 4, 4, dtype=torch.bool), {"voxel_size": 1.0}, TypeError, r"got dtype torch.bool"),
+    (np.full((4, 4, 4), "a"), {"voxel_size": 1.0}, TypeError, r"must hold real numbers.*got dtype <U1"),
+    (np.zeros((0, 4, 4)), {"voxel_size": 1.0}, ValueError, r"volumes has shape \(0, 4, 4\): a volume must not be empty"),
+    (np.zeros((4, 4, 4)), {}, ValueError, r"voxel_size is needed for volumes: numpy arrays and plain tensors carry "
+                                          r"no voxel size"),
+    ([np.zeros((4, 4, 4))], {"voxel_size": 0}, ValueError, r"voxel_size must be > 0 \(mm\) on every axis; got 0"),
+    ([np.zeros((4, 4, 4))], {"voxel_size": (1.0, -2.0, 1.0)}, ValueError, r"voxel_size must be > 0 \(mm\)"),
+    ([np.zeros((4, 4, 4))], {"voxel_size": (1.0, 2.0)}, ValueError, r"voxel_size must have one entry per axis \(3\)"),
+    ([np.zeros((4, 4, 4))], {"voxel_size": "fine"}, TypeError, r"voxel_size must be None, a number or a tuple of 3"),
+])
+@pytest.mark.parametrize("cls", [SlicePairDataset, SubVolumePairDataset])
+def test_from_volumes_bad_input(cls, volumes, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls.from_volumes(volumes, **kwargs)
+
+
+def test_from_volumes_bad_metatensors():
+    monai_data = pytest.importorskip("monai.data")
+    image = monai_data.MetaTensor(torch.zeros(1, 4, 4, 4), affine=torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"voxel_size=\(1.0, 1.0, 1.0\) is given, but every volume is a MetaTensor"):
+        SlicePairDataset.from_volumes([image, image], voxel_size=1.0)
+    flat = monai_data.MetaTensor(torch.zeros(1, 4, 4, 4), affine=torch.diag(torch.tensor([1.0, 0.0, 1.0, 1.0])))
+    with pytest.raises(ValueError, match=r"the voxel size of volumes \(its affine\) must be > 0 \(mm\) on every "
+                                         r"axis; got \(1.0, 0.0, 1.0\)"):
+        SubVolumePairDataset.from_volumes(flat)
+    planar = monai_data.MetaTensor(torch.zeros(4, 4, 4), affine=torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"volumes\[0\] is a MetaTensor whose affine has shape \(3, 3\)"):
+        SlicePairDataset.from_volumes([planar])
+
+
+def test_from_volumes_checks_options_first_and_volume_sizes():
+    with pytest.raises(ValueError, match=r"size must be >= 1; got 0"):
+        SlicePairDataset.from_volumes("not a volume", size=0)
+    with pytest.raises(ValueError, match=r"crop_size must be >= 1; got 0"):
+        SubVolumePairDataset.from_volumes("not a volume", crop_size=0)
+    with pytest.raises(ValueError, match=r"'volumes' has 1 slice along axis=2: a slice pair needs at least 2"):
+        SlicePairDataset.from_volumes(np.ones((4, 4, 1)), voxel_size=1.0)
+    with pytest.raises(ValueError, match=r"crop_size \(8, 8, 8\) is larger than the volume: 'volumes\[0\]' has "
+                                         r"shape \(4, 4, 4\)"):
+        SubVolumePairDataset.from_volumes([np.ones((4, 4, 4))], voxel_size=1.0, crop_size=8)

@@ -157,6 +157,30 @@ def test_feature_mask_and_spread_3d():
     assert spread(half) < 0.9 < spread(half, upper)
 
 
+def test_pretrainer_takes_the_datasets_channel_first_masks():
+    """A batch of the pair dataset (masks (B, 1, S, S)) goes into the pre-training step as it is: the masks
+    are pooled onto the stride-4 feature grid, a cell being foreground when any of its pixels is."""
+    from salign_kernels.data import SAMPLE_IMAGE, SlicePairDataset
+
+    dataset = SlicePairDataset(SAMPLE_IMAGE, size=32, foreground_threshold=0.3)
+    batch = torch.utils.data.default_collate([dataset[k] for k in (30, 40)])
+    assert batch["mask_a"].shape == (2, 1, 32, 32) and batch["mask_a"].dtype == torch.bool
+    encoder = pretrain_sal.SALEncoder(pretrain_sal.build_unet(), embed_dim=8)
+    criterion = sk.SALoss(8, backend="reference")
+    model = pretrain_sal.SALPretrainer(encoder, criterion)
+    inputs = (batch["slice_a"], batch["slice_b"], batch["pos_a"], batch["pos_b"])
+    out, feat_a = model(*inputs, batch["mask_a"], batch["mask_b"])
+    with torch.no_grad():
+        feats = encoder(torch.cat(inputs[:2])).chunk(2)
+        cells = [torch.nn.functional.max_pool2d(batch[key].float(), 4)[:, 0] > 0 for key in ("mask_a", "mask_b")]
+        assert 0 < cells[0].float().mean() < 1  # the masks leave some cells out
+        want = criterion(*feats, *inputs[2:], *cells)
+        unmasked = criterion(*feats, *inputs[2:])
+    torch.testing.assert_close(feat_a, feats[0])
+    torch.testing.assert_close(out.local, want.local)
+    assert not torch.allclose(out.local, unmasked.local)
+
+
 def test_sal_encoder_3d_shapes_and_gradients(one_thread):
     unet = pretrain_sal.build_unet(features=pretrain_sal3d.FEATURES, spatial_dims=3)
     encoder = pretrain_sal.SALEncoder(unet, embed_dim=4)

@@ -1,9 +1,10 @@
-"""NIfTI volumes -> normalised square slices -> random pairs of nearby slices, as MONAI-style dicts."""
+"""NIfTI volumes (or volumes in memory) -> normalised square slices -> random pairs of nearby slices, as
+MONAI-style dicts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -11,9 +12,9 @@ import torch
 from ._checks import check_int, check_threshold
 from ._pairs import PairDataset
 from .intensity import CT_WINDOW, MR_PERCENTILES, check_intensity_options
-from .io import PathLike, load_volume, volume_paths
+from .io import PathLike, load_volume, volume_paths, volumes_from_memory
 from .slices import check_axis, sample_pair, to_slices
-from .volumes import load_normalized_volume
+from .volumes import NormalizedVolume, load_normalized_volume, normalize_volume
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class SliceStack:
     Attributes:
         images: ``(D, size, size)`` float32 in [0, 1], slice ``i`` at position ``i / (D - 1)``.
         labels: ``(D, size, size)`` int64 label map on the same grid, or None.
-        path: the image file.
+        path: the image file (for a volume given in memory: its name, e.g. ``"volumes[0]"``).
         modality: ``"ct"`` or ``"mr"``, the normalisation that was applied.
     """
 
@@ -39,6 +40,12 @@ class SliceStack:
     def position(self, index: int) -> float:
         """``index / (D - 1)``: the slice's relative position in the volume (0 for a single slice)."""
         return index / max(self.num_slices - 1, 1)
+
+
+def _slice_stack(volume: NormalizedVolume, axis: int, size: int) -> SliceStack:
+    """Cut a normalised volume into its ``(D, size, size)`` slices along ``axis``."""
+    images = to_slices(volume.image, axis, size, volume.spacing)
+    return SliceStack(images=images, labels=None, path=volume.path, modality=volume.modality)
 
 
 def load_slices(
@@ -76,8 +83,7 @@ def load_slices(
     size = check_int(size, "size", 1)
     volume = load_normalized_volume(path, modality=modality, ct_window=ct_window,
                                     mr_percentiles=mr_percentiles, canonical=canonical)
-    images = to_slices(volume.image, axis, size, volume.spacing)
-    labels = None
+    stack = _slice_stack(volume, axis, size)
     if label_path is not None:
         label = load_volume(label_path, canonical=canonical, dtype=np.float32)
         if label.array.shape != volume.shape:
@@ -86,7 +92,8 @@ def load_slices(
                 f"{volume.shape}: they must share one voxel grid"
             )
         labels = to_slices(label.array, axis, size, volume.spacing, labels=True)
-    return SliceStack(images=images, labels=labels, path=volume.path, modality=volume.modality)
+        stack = SliceStack(images=stack.images, labels=labels, path=stack.path, modality=stack.modality)
+    return stack
 
 
 class SlicePairDataset(PairDataset):
@@ -96,11 +103,14 @@ class SlicePairDataset(PairDataset):
     along ``axis`` into slices resampled to ``size x size`` and kept in memory
     (``D * size**2 * 4`` bytes per volume). An item is a pair drawn by the specification's rule:
     ``i`` uniform over the volume's slices, ``j = i + d`` with ``d`` uniform in
-    ``[-max_offset, max_offset] \\ {0}``, kept inside the volume.
+    ``[-max_offset, max_offset] \\ {0}``, kept inside the volume. Volumes already in memory (numpy
+    arrays, tensors, MONAI MetaTensors from a MONAI loading pipeline) go through
+    :meth:`from_volumes` instead.
 
     The pair of item ``index`` depends only on ``(seed, epoch, index)``, so it is the same whatever
-    DataLoader worker or DDP rank draws it; call :meth:`set_epoch` each epoch for fresh pairs.
-    Volume ``v`` owns ``pairs_per_volume`` consecutive indices (default: its number of slices).
+    DataLoader worker or DDP rank draws it; call :meth:`set_epoch` each epoch, before iterating the
+    DataLoader, for fresh pairs (it reaches persistent workers too). Volume ``v`` owns
+    ``pairs_per_volume`` consecutive indices (default: its number of slices).
 
     Args:
         data: a folder (every ``*.nii``/``*.nii.gz`` under it), a file, or a sequence of files.
@@ -114,13 +124,17 @@ class SlicePairDataset(PairDataset):
             ``i / (D - 1)`` lies in ``[low, high]`` (to hold out a distant slab).
         pairs_per_volume: items per volume per epoch.
         seed: base seed of the pair sampling (>= 0).
-        transform: a callable applied to each item dict (e.g. MONAI dictionary transforms).
+        transform: a callable applied to each item dict (e.g. MONAI dictionary transforms: every
+            image and mask is channel-first, so keys ``slice_a``/``mask_a`` and ``slice_b``/``mask_b``
+            take spatial transforms as they are).
 
-    Item (a dict; the default collate stacks a batch):
+    Item (a dict; the default collate stacks a batch), MONAI's channel-first layout:
         ``slice_a``, ``slice_b``: ``(1, size, size)`` float32 in [0, 1];
         ``pos_a``, ``pos_b``: float32 scalars ``i / (D - 1)``, ``j / (D - 1)``;
         ``index_a``, ``index_b``, ``volume``: ints;
-        ``mask_a``, ``mask_b``: ``(size, size)`` bool, only with ``foreground_threshold``.
+        ``mask_a``, ``mask_b``: ``(1, size, size)`` bool, only with ``foreground_threshold``
+        (a batch is ``(B, 1, size, size)``: :func:`salign_kernels.feature_mask` brings it onto the
+        features' grid, the ``(B, h, w)`` the losses take).
 
     Raises:
         FileNotFoundError: a missing file, or a folder without NIfTI files.
@@ -152,6 +166,85 @@ class SlicePairDataset(PairDataset):
         mr_percentiles: Tuple[float, float] = MR_PERCENTILES,
     ) -> None:
         # Every option is checked before any file is read, so a typo fails at once.
+        pairs_per_volume = self._configure(
+            axis=axis, size=size, max_offset=max_offset, foreground_threshold=foreground_threshold,
+            modality=modality, slab=slab, pairs_per_volume=pairs_per_volume, seed=seed, transform=transform,
+            ct_window=ct_window, mr_percentiles=mr_percentiles)
+        self.paths = volume_paths(data)
+        # One file at a time: only its slices stay in memory, not the full-resolution volume.
+        self._keep((load_normalized_volume(path, **self._normalisation) for path in self.paths),
+                   pairs_per_volume)
+
+    @classmethod
+    def from_volumes(
+        cls,
+        volumes,
+        *,
+        voxel_size: Optional[Union[float, Tuple[float, float, float]]] = None,
+        axis: int = 2,
+        size: int = 96,
+        max_offset: int = 3,
+        foreground_threshold: Optional[float] = None,
+        modality: str = "auto",
+        slab: Optional[Tuple[float, float]] = None,
+        pairs_per_volume: Optional[int] = None,
+        seed: int = 0,
+        transform: Optional[Callable[[Dict], Dict]] = None,
+        ct_window: Tuple[float, float] = CT_WINDOW,
+        mr_percentiles: Tuple[float, float] = MR_PERCENTILES,
+    ) -> "SlicePairDataset":
+        """Slice pairs of volumes already in memory: e.g. the output of a MONAI loading pipeline.
+
+        The volumes then go the way a file does: intensities normalised per volume as they are
+        (CT window or MR percentiles, see :func:`~salign_kernels.data.normalize_intensity`), slices
+        along ``axis`` padded to a square field of view in mm and resized to ``size x size``,
+        positions ``i / (D - 1)``; the items are those of the constructor.
+
+        - A MONAI ``MetaTensor`` (``LoadImage(ensure_channel_first=True)``, ``Orientation``,
+          ``Spacing``, ...) carries its affine: its voxel size is read from it and its voxels are
+          reoriented to RAS+ as a file's are, so one loaded from a file gives the pairs the file does.
+        - A numpy array or a plain tensor is taken with its axes as they are (RAS+ for ``axis`` to
+          mean sagittal / coronal / axial) and ``voxel_size`` as its voxel size.
+
+        Shape:
+            each volume ``(X, Y, Z)`` or channel-first ``(1, X, Y, Z)``, any real dtype.
+
+        Args:
+            volumes: one volume, or a list or tuple of them (volume ``v`` of the items is
+                ``volumes[v]``).
+            voxel_size: the voxel size in mm of the arrays and plain tensors: a number (isotropic) or
+                one per axis. Required when there is one; MetaTensors take theirs from their affine.
+            axis, size, max_offset, foreground_threshold, modality, slab, pairs_per_volume, seed,
+                transform, ct_window, mr_percentiles: as for the constructor.
+
+        Raises:
+            TypeError: ``volumes`` or one of them is not a numpy array, a tensor or a MetaTensor, or
+                holds no real numbers (bool, complex); an option of the wrong type.
+            ValueError: an empty list; a volume whose rank is not 3 or 4, with more than one channel,
+                empty, or with fewer than two slices (in ``slab``); an array or plain tensor without
+                ``voxel_size``; a ``voxel_size`` that is not > 0, or given when every volume is a
+                MetaTensor; a bad option (checked before the volumes).
+
+        Example:
+            >>> from monai.transforms import Compose, LoadImage, Orientation, Spacing
+            >>> load = Compose([LoadImage(ensure_channel_first=True), Orientation("RAS"), Spacing(2.0)])
+            >>> dataset = SlicePairDataset.from_volumes([load(p) for p in paths], size=96)
+            >>> dataset = SlicePairDataset.from_volumes(np.random.rand(64, 64, 40), voxel_size=(1, 1, 3))
+        """
+        dataset = cls.__new__(cls)
+        pairs_per_volume = dataset._configure(
+            axis=axis, size=size, max_offset=max_offset, foreground_threshold=foreground_threshold,
+            modality=modality, slab=slab, pairs_per_volume=pairs_per_volume, seed=seed, transform=transform,
+            ct_window=ct_window, mr_percentiles=mr_percentiles)
+        raw = volumes_from_memory(volumes, voxel_size)
+        dataset.paths = [volume.path for volume in raw]
+        dataset._keep((normalize_volume(volume, **dataset._normalisation) for volume in raw),
+                      pairs_per_volume)
+        return dataset
+
+    def _configure(self, *, axis, size, max_offset, foreground_threshold, modality, slab, pairs_per_volume,
+                   seed, transform, ct_window, mr_percentiles) -> Optional[int]:
+        """Check and keep the options (before any volume is read); returns ``pairs_per_volume``."""
         super().__init__(seed, transform)
         self.axis = check_axis(axis)
         self.size = check_int(size, "size", 1)
@@ -160,15 +253,17 @@ class SlicePairDataset(PairDataset):
             pairs_per_volume = check_int(pairs_per_volume, "pairs_per_volume", 1)
         self.foreground_threshold = check_threshold(foreground_threshold)
         check_intensity_options(modality, ct_window, mr_percentiles)
+        self._normalisation = {"modality": modality, "ct_window": ct_window, "mr_percentiles": mr_percentiles}
         self.slab = None if slab is None else self._check_slab(slab)
+        return pairs_per_volume
 
-        self.paths = volume_paths(data)
+    def _keep(self, volumes: Iterable[NormalizedVolume], pairs_per_volume: Optional[int]) -> None:
+        """Cut each normalised volume into slices, keep them, and give each volume its items."""
         self.volumes: List[SliceStack] = []
         self.ranges: List[Tuple[int, int]] = []  # allowed (first, last) slice per volume
-        for path in self.paths:
-            stack = load_slices(path, axis=self.axis, size=self.size, modality=modality,
-                                ct_window=ct_window, mr_percentiles=mr_percentiles)
-            self.ranges.append(self._slice_range(stack, path))
+        for volume in volumes:
+            stack = _slice_stack(volume, self.axis, self.size)
+            self.ranges.append(self._slice_range(stack, volume.path))
             self.volumes.append(stack)
         self._own([pairs_per_volume or (last - first + 1) for first, last in self.ranges])
 
@@ -214,6 +309,7 @@ class SlicePairDataset(PairDataset):
             "volume": v,
         }
         if self.foreground_threshold is not None:
-            item["mask_a"] = torch.from_numpy(stack.images[i] > self.foreground_threshold)
-            item["mask_b"] = torch.from_numpy(stack.images[j] > self.foreground_threshold)
+            # Channel-first like the slices, so that MONAI's spatial transforms treat both alike.
+            item["mask_a"] = torch.from_numpy(stack.images[i][None] > self.foreground_threshold)
+            item["mask_b"] = torch.from_numpy(stack.images[j][None] > self.foreground_threshold)
         return item

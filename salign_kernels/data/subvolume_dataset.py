@@ -1,9 +1,10 @@
-"""NIfTI volumes -> normalised (optionally resampled) volumes -> random pairs of nearby sub-volumes."""
+"""NIfTI volumes (or volumes in memory) -> normalised (optionally resampled) volumes -> random pairs of
+nearby sub-volumes."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -11,9 +12,9 @@ import torch
 from ._checks import check_int, check_per_axis, check_spacing, check_threshold
 from ._pairs import PairDataset
 from .intensity import CT_WINDOW, MR_PERCENTILES, check_intensity_options
-from .io import PathLike, volume_paths
+from .io import PathLike, volume_paths, volumes_from_memory
 from .subvolumes import crop_position, offset_room, sample_crop_pair
-from .volumes import NormalizedVolume, load_normalized_volume
+from .volumes import NormalizedVolume, load_normalized_volume, normalize_volume
 
 PerAxis = Union[int, Tuple[int, int, int]]
 
@@ -37,10 +38,13 @@ class SubVolumePairDataset(PairDataset):
     Right, 1 Anterior, 2 Superior. An item is a pair drawn by the specification's rule: two crops of
     ``crop_size`` whose corners differ by an offset ``d`` uniform per axis in
     ``[-max_offset, max_offset]``, not all zero, both crops inside the volume
-    (:func:`~salign_kernels.data.subvolumes.sample_crop_pair`).
+    (:func:`~salign_kernels.data.subvolumes.sample_crop_pair`). Volumes already in memory (numpy
+    arrays, tensors, MONAI MetaTensors from a MONAI loading pipeline) go through
+    :meth:`from_volumes` instead.
 
     The pair of item ``index`` depends only on ``(seed, epoch, index)``, so it is the same whatever
-    DataLoader worker or DDP rank draws it; call :meth:`set_epoch` each epoch for fresh pairs.
+    DataLoader worker or DDP rank draws it; call :meth:`set_epoch` each epoch, before iterating the
+    DataLoader, for fresh pairs (it reaches persistent workers too).
     Volume ``v`` owns ``pairs_per_volume`` consecutive indices (default: ``prod(ceil(n / crop))``,
     the crops it takes to tile it).
 
@@ -56,16 +60,19 @@ class SubVolumePairDataset(PairDataset):
             :func:`~salign_kernels.data.normalize_intensity`).
         pairs_per_volume: items per volume per epoch.
         seed: base seed of the pair sampling (>= 0).
-        transform: a callable applied to each item dict (e.g. MONAI dictionary transforms).
+        transform: a callable applied to each item dict (e.g. MONAI dictionary transforms: every
+            crop and mask is channel-first, so keys ``crop_a``/``mask_a`` and ``crop_b``/``mask_b``
+            take spatial transforms as they are).
         ct_window, mr_percentiles: the normalisation's parameters.
 
-    Item (a dict; the default collate stacks a batch):
+    Item (a dict; the default collate stacks a batch), MONAI's channel-first layout:
         ``crop_a``, ``crop_b``: ``(1, d, h, w)`` float32 in [0, 1], ``(d, h, w) = crop_size``;
         ``pos_a``, ``pos_b``: ``(3,)`` float32 crop centres normalised per axis,
         ``(corner + (crop_size - 1) / 2) / (n - 1)`` (a batch: ``(B, 3)``, what
         ``SALoss(..., pos_dims=3)`` takes);
         ``corner_a``, ``corner_b``: ``(3,)`` int64 corners in voxels; ``volume``: int;
-        ``mask_a``, ``mask_b``: ``(d, h, w)`` bool, only with ``foreground_threshold``.
+        ``mask_a``, ``mask_b``: ``(1, d, h, w)`` bool, only with ``foreground_threshold`` (a batch is
+        ``(B, 1, d, h, w)``: :func:`salign_kernels.feature_mask` brings it onto the features' grid).
 
     Raises:
         FileNotFoundError: a missing file, or a folder without NIfTI files.
@@ -98,20 +105,99 @@ class SubVolumePairDataset(PairDataset):
         mr_percentiles: Tuple[float, float] = MR_PERCENTILES,
     ) -> None:
         # Every option is checked before any file is read, so a typo fails at once.
+        pairs_per_volume = self._configure(
+            crop_size=crop_size, max_offset=max_offset, spacing=spacing,
+            foreground_threshold=foreground_threshold, modality=modality, pairs_per_volume=pairs_per_volume,
+            seed=seed, transform=transform, ct_window=ct_window, mr_percentiles=mr_percentiles)
+        self.paths = volume_paths(data)
+        self._keep((load_normalized_volume(path, **self._normalisation) for path in self.paths),
+                   pairs_per_volume)
+
+    @classmethod
+    def from_volumes(
+        cls,
+        volumes,
+        *,
+        voxel_size: Optional[Union[float, Tuple[float, float, float]]] = None,
+        crop_size: PerAxis = 32,
+        max_offset: PerAxis = 4,
+        spacing: Optional[Union[float, Tuple[float, float, float]]] = None,
+        foreground_threshold: Optional[float] = None,
+        modality: str = "auto",
+        pairs_per_volume: Optional[int] = None,
+        seed: int = 0,
+        transform: Optional[Callable[[Dict], Dict]] = None,
+        ct_window: Tuple[float, float] = CT_WINDOW,
+        mr_percentiles: Tuple[float, float] = MR_PERCENTILES,
+    ) -> "SubVolumePairDataset":
+        """Sub-volume pairs of volumes already in memory: e.g. the output of a MONAI loading pipeline.
+
+        The volumes then go the way a file does: intensities normalised per volume on their own
+        grid (CT window or MR percentiles), resampled to ``spacing`` when one is given, crops and
+        positions as for the constructor; the items are the constructor's.
+
+        - A MONAI ``MetaTensor`` (``LoadImage(ensure_channel_first=True)``, ``Orientation``,
+          ``Spacing``, ...) carries its affine: its voxel size is read from it and its voxels are
+          reoriented to RAS+ as a file's are, so one loaded from a file gives the pairs the file does.
+        - A numpy array or a plain tensor is taken with its axes as they are and ``voxel_size`` as
+          its voxel size.
+
+        Shape:
+            each volume ``(X, Y, Z)`` or channel-first ``(1, X, Y, Z)``, any real dtype.
+
+        Args:
+            volumes: one volume, or a list or tuple of them (volume ``v`` of the items is
+                ``volumes[v]``).
+            voxel_size: the voxel size in mm of the arrays and plain tensors (what they are stored
+                at; ``spacing`` is what to resample to): a number (isotropic) or one per axis.
+                Required when there is one; MetaTensors take theirs from their affine.
+            crop_size, max_offset, spacing, foreground_threshold, modality, pairs_per_volume, seed,
+                transform, ct_window, mr_percentiles: as for the constructor.
+
+        Raises:
+            TypeError: ``volumes`` or one of them is not a numpy array, a tensor or a MetaTensor, or
+                holds no real numbers (bool, complex); an option of the wrong type.
+            ValueError: an empty list; a volume whose rank is not 3 or 4, with more than one channel,
+                empty, or too small for the crops; an array or plain tensor without ``voxel_size``;
+                a ``voxel_size`` that is not > 0, or given when every volume is a MetaTensor; a bad
+                option (checked before the volumes).
+
+        Example:
+            >>> from monai.transforms import Compose, LoadImage, Orientation
+            >>> load = Compose([LoadImage(ensure_channel_first=True), Orientation("RAS")])
+            >>> volumes = [load(p) for p in paths]
+            >>> dataset = SubVolumePairDataset.from_volumes(volumes, crop_size=32, spacing=3.0)
+        """
+        dataset = cls.__new__(cls)
+        pairs_per_volume = dataset._configure(
+            crop_size=crop_size, max_offset=max_offset, spacing=spacing,
+            foreground_threshold=foreground_threshold, modality=modality, pairs_per_volume=pairs_per_volume,
+            seed=seed, transform=transform, ct_window=ct_window, mr_percentiles=mr_percentiles)
+        raw = volumes_from_memory(volumes, voxel_size)
+        dataset.paths = [volume.path for volume in raw]
+        dataset._keep((normalize_volume(volume, **dataset._normalisation) for volume in raw),
+                      pairs_per_volume)
+        return dataset
+
+    def _configure(self, *, crop_size, max_offset, spacing, foreground_threshold, modality, pairs_per_volume,
+                   seed, transform, ct_window, mr_percentiles) -> Optional[int]:
+        """Check and keep the options (before any volume is read); returns ``pairs_per_volume``."""
         super().__init__(seed, transform)
         self.crop_size = check_per_axis(crop_size, "crop_size", 1)
         self.max_offset = _check_max_offset(max_offset)
         self.spacing = check_spacing(spacing)
         self.foreground_threshold = check_threshold(foreground_threshold)
         check_intensity_options(modality, ct_window, mr_percentiles)
+        self._normalisation = {"spacing": self.spacing, "modality": modality, "ct_window": ct_window,
+                               "mr_percentiles": mr_percentiles}
         if pairs_per_volume is not None:
             pairs_per_volume = check_int(pairs_per_volume, "pairs_per_volume", 1)
+        return pairs_per_volume
 
-        self.paths = volume_paths(data)
+    def _keep(self, volumes: Iterable[NormalizedVolume], pairs_per_volume: Optional[int]) -> None:
+        """Keep each normalised volume once it is known to hold a pair, and give each volume its items."""
         self.volumes: List[NormalizedVolume] = []
-        for path in self.paths:
-            volume = load_normalized_volume(path, spacing=self.spacing, modality=modality,
-                                            ct_window=ct_window, mr_percentiles=mr_percentiles)
+        for volume in volumes:
             self._check_fits(volume)
             self.volumes.append(volume)
         self._own([pairs_per_volume or self._tiles(v.shape) for v in self.volumes])
@@ -156,6 +242,7 @@ class SubVolumePairDataset(PairDataset):
             "volume": v,
         }
         if self.foreground_threshold is not None:
-            item["mask_a"] = torch.from_numpy(crop_a > self.foreground_threshold)
-            item["mask_b"] = torch.from_numpy(crop_b > self.foreground_threshold)
+            # Channel-first like the crops, so that MONAI's spatial transforms treat both alike.
+            item["mask_a"] = torch.from_numpy(crop_a[None] > self.foreground_threshold)
+            item["mask_b"] = torch.from_numpy(crop_b[None] > self.foreground_threshold)
         return item

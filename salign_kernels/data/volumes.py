@@ -1,4 +1,5 @@
-"""A NIfTI file -> one normalised volume in memory, optionally resampled to a voxel size.
+"""A NIfTI file (or a volume already in memory) -> one normalised volume, optionally resampled to a
+voxel size.
 
 The first step of both slice pairs (:func:`~salign_kernels.data.load_slices` cuts the volume into
 slices) and sub-volume pairs (:class:`~salign_kernels.data.SubVolumePairDataset` crops it).
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from ._checks import check_spacing
 from .intensity import CT_WINDOW, MR_PERCENTILES, check_intensity_options, normalize_intensity
-from .io import PathLike, load_volume
+from .io import PathLike, Volume, load_volume
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class NormalizedVolume:
     Attributes:
         image: ``(X, Y, Z)`` float32 in [0, 1], RAS+ when loaded with ``canonical=True``.
         spacing: ``(3,)`` voxel size in mm along each array axis.
-        path: the file it came from.
+        path: the file it came from (for a volume given in memory: its name, e.g. ``"volumes[0]"``).
         modality: ``"ct"`` or ``"mr"``, the normalisation that was applied.
     """
 
@@ -69,6 +70,41 @@ def resample_to_spacing(
     return x[0, 0].numpy(), actual
 
 
+def normalize_volume(
+    volume: Volume,
+    *,
+    spacing: Optional[Sequence[float]] = None,
+    modality: str = "auto",
+    ct_window: Tuple[float, float] = CT_WINDOW,
+    mr_percentiles: Tuple[float, float] = MR_PERCENTILES,
+) -> NormalizedVolume:
+    """Normalise a volume's intensities, then optionally resample it: what follows reading a file.
+
+    The intensities are normalised on the volume's own grid (the MR percentiles are those of its
+    voxels), then the volume is resampled by :func:`resample_to_spacing` when ``spacing`` is given.
+
+    Args:
+        volume: the voxels as stored and their voxel size (:func:`load_volume`'s result).
+        spacing: the voxel size in mm to resample to: one number (isotropic) or one per axis;
+            None keeps the volume's grid.
+        modality: ``"ct"``, ``"mr"`` or ``"auto"`` (see :func:`normalize_intensity`).
+
+    Returns:
+        :class:`NormalizedVolume` with ``image`` of shape ``(X, Y, Z)`` (resampled with ``spacing``).
+
+    Raises:
+        ValueError: a bad ``spacing``, ``modality``, ``ct_window`` or ``mr_percentiles``.
+        TypeError: a ``spacing`` that is not a number or a tuple of 3 numbers.
+    """
+    target = check_spacing(spacing)
+    image, used = normalize_intensity(volume.array, modality, ct_window=ct_window,
+                                      mr_percentiles=mr_percentiles)
+    voxel = volume.spacing
+    if target is not None:
+        image, voxel = resample_to_spacing(image, voxel, target)
+    return NormalizedVolume(image=image, spacing=voxel, path=volume.path, modality=used)
+
+
 def load_normalized_volume(
     path: PathLike,
     *,
@@ -80,9 +116,9 @@ def load_normalized_volume(
 ) -> NormalizedVolume:
     """Read a NIfTI volume, normalise its intensities and optionally resample it.
 
-    The intensities are normalised on the file's own grid (the MR percentiles are those of the
-    stored voxels), then the volume is resampled by :func:`resample_to_spacing` when ``spacing``
-    is given.
+    :func:`load_volume`, then :func:`normalize_volume`: the intensities are normalised on the file's
+    own grid (the MR percentiles are those of the stored voxels), then the volume is resampled by
+    :func:`resample_to_spacing` when ``spacing`` is given.
 
     Args:
         path: the image, ``.nii`` or ``.nii.gz``.
@@ -102,10 +138,5 @@ def load_normalized_volume(
     """
     target = check_spacing(spacing)
     check_intensity_options(modality, ct_window, mr_percentiles)
-    volume = load_volume(path, canonical=canonical)
-    image, used = normalize_intensity(volume.array, modality, ct_window=ct_window,
-                                      mr_percentiles=mr_percentiles)
-    voxel = volume.spacing
-    if target is not None:
-        image, voxel = resample_to_spacing(image, voxel, target)
-    return NormalizedVolume(image=image, spacing=voxel, path=volume.path, modality=used)
+    return normalize_volume(load_volume(path, canonical=canonical), spacing=target, modality=modality,
+                            ct_window=ct_window, mr_percentiles=mr_percentiles)
