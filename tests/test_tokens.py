@@ -301,6 +301,29 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(fn, (a, b), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_on_cuda_tokens():
+    # The compiled Triton kernels on CUDA tokens (a sliced ViT-like output) against the oracle and
+    # the reference's gradients on the CPU.
+    a, b = make_tokens(seed=40)
+    mask_b = make_token_mask(seed=41)
+    base = torch.cat([torch.randn(B, 1, C), a], dim=1).cuda().requires_grad_()
+    tokens_a, y = base[:, 1:], b.cuda().requires_grad_()
+    got = sk.token_match(tokens_a, y, mask_b=mask_b.cuda(), backend="triton")
+    assert_token_matches(tuple(t.cpu() for t in got), token_oracle(a, b, mask_b=mask_b), a, b)
+    loss = sk.token_alignment_loss(tokens_a, y, symmetric=True, mask_b=mask_b.cuda(), backend="triton")
+    grad_base, grad_b = torch.autograd.grad(loss, (base, y))
+    x2, y2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    want = sk.token_alignment_loss(x2, y2, symmetric=True, mask_b=mask_b, backend="reference")
+    want_a, want_b = torch.autograd.grad(want, (x2, y2))
+    torch.testing.assert_close(loss.cpu(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_base[:, 1:].cpu(), want_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_b.cpu(), want_b, atol=1e-5, rtol=1e-4)
+    assert torch.equal(grad_base[:, 0].cpu(), torch.zeros(B, C))
+    assert torch.equal(sk.most_similar_index(a.double().cuda(), b.double().cuda(), backend="triton").cpu(),
+                       lightly_most_similar_index(a.double(), b.double()))
+
+
 # --- 4. lightly's most_similar_index / select_most_similar ---------------------------------------
 # Transcribed from lightly 1.6.0, lightly/models/utils.py (functional = torch.nn.functional).
 
