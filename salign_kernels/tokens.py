@@ -305,8 +305,9 @@ def select_most_similar(x: torch.Tensor, y: torch.Tensor, y_values: torch.Tensor
     Returns:
         ``(B, N, D)`` in ``y_values``' dtype. Differentiable in ``y_values`` (``gather``'s gradient:
         each selected row receives the sum of the gradients of the outputs that picked it), not in
-        ``x`` or ``y``, as in lightly. lightly's ``expand`` works only for ``M == N``; for
-        ``M != N`` this returns the ``(B, N, D)`` its docstring describes.
+        ``x`` or ``y``, as in lightly. lightly's ``expand(y_values.shape)`` needs ``N == M`` (for
+        ``N == 1`` it repeats the one selected row M times, otherwise it raises); for ``M != N``
+        this returns the ``(B, N, D)`` its docstring describes.
 
     Raises:
         As :func:`most_similar_index`, plus ``TypeError`` for a ``y_values`` that is not a tensor
