@@ -2,8 +2,8 @@
 
 The local alignment loss matches every pixel of one slice's feature map (or every voxel of a
 sub-volume's) to its most similar pixel in a nearby slice, without building the (N x N) similarity
-matrix; the global positional loss predicts the slices' relative position. See the README for the
-definitions.
+matrix; the global positional loss predicts the slices' relative position. ``(B, N, C)`` tokens (ViT,
+DenseCL) go through :mod:`salign_kernels.tokens`. See the README for the definitions.
 """
 
 from ._backend import BackendStatus, BackendUnavailableError, backends, resolve_backend
@@ -11,6 +11,7 @@ from ._config import get_float32_precision, set_float32_precision
 from .functional import dense_match, global_positional_loss, local_alignment_loss, window_match
 from .masks import feature_mask
 from .losses import GlobalPositionalHead, LocalAlignmentLoss, SALoss, SALossOutput
+from .tokens import most_similar_index, select_most_similar, token_alignment_loss, token_match
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,10 @@ __all__ = [
     "window_match",
     "local_alignment_loss",
     "global_positional_loss",
+    "token_match",
+    "token_alignment_loss",
+    "most_similar_index",
+    "select_most_similar",
     "feature_mask",
     "LocalAlignmentLoss",
     "GlobalPositionalHead",
