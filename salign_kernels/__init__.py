@@ -11,6 +11,8 @@ from ._config import get_float32_precision, set_float32_precision
 from .functional import dense_match, global_positional_loss, local_alignment_loss, window_match
 from .masks import feature_mask
 from .losses import GlobalPositionalHead, LocalAlignmentLoss, SALoss, SALossOutput
+from .model import SALModel
+from .engines import SALPrepareBatch, sal_total
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,9 @@ __all__ = [
     "GlobalPositionalHead",
     "SALoss",
     "SALossOutput",
+    "SALModel",
+    "SALPrepareBatch",
+    "sal_total",
     "backends",
     "resolve_backend",
     "BackendStatus",
