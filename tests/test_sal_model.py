@@ -219,6 +219,27 @@ def test_prepare_batch_feeds_sal_model():
     assert crop_b is b and masks == {}
 
 
+def test_monai_supervised_trainer_runs_sal():
+    """What a bare SALoss cannot do ('SALossOutput' object has no attribute 'mean'): SAL in MONAI's engine."""
+    pytest.importorskip("ignite")
+    engines = pytest.importorskip("monai.engines")
+    torch.manual_seed(0)
+    model = sk.SALModel(small_encoder(), sk.SALoss(8, window=3))
+    a, b, pos_a, pos_b = pair()
+    batch = {"slice_a": a, "slice_b": b, "pos_a": pos_a, "pos_b": pos_b, "mask_a": a > 0.3, "mask_b": b > 0.3}
+    expected = model(a, b, pos_a, pos_b, a > 0.3, b > 0.3).total.detach()
+    head = model.criterion.head.mlp[0].weight.detach().clone()
+    trainer = engines.SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch], network=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_function=sk.sal_total,
+        prepare_batch=sk.SALPrepareBatch(), decollate=False)
+    trainer.run()
+    output = trainer.state.output
+    assert isinstance(output["pred"], sk.SALossOutput) and output["label"] is None
+    torch.testing.assert_close(output["loss"].detach(), expected, rtol=0, atol=0)  # the loss before the step
+    assert not torch.equal(model.criterion.head.mlp[0].weight, head)  # the head is in the optimizer
+
+
 @pytest.mark.parametrize("keys, message", [
     ({"image_keys": "slice_a"}, "image_keys must be a pair of str keys; got 'slice_a'"),
     ({"pos_keys": ("pos_a",)}, r"pos_keys must be a pair of str keys; got \('pos_a',\)"),
