@@ -181,8 +181,8 @@ class SALoss(nn.Module):
     ``DistributedDataParallel`` the loss must sit inside the wrapped module with the encoder
     (outside it, each process's head drifts its own way). :class:`salign_kernels.SALModel` holds
     both, so one ``DistributedDataParallel(model)`` and one ``optimizer(model.parameters())`` cover
-    everything. In training mode under a process group of more than one process, a forward outside
-    any DDP forward warns once (a :class:`RuntimeWarning`).
+    everything. In training mode under a process group of more than one process, an eager forward
+    outside a DDP forward that holds this loss warns once (a :class:`RuntimeWarning`).
 
     Args:
         in_channels: channels of the features (for the positional head).
@@ -239,7 +239,8 @@ class SALoss(nn.Module):
         DDP marks the module whose forward it is running in the class attribute
         ``DistributedDataParallel._active_ddp_module`` (set and restored around every forward by
         its C++ reducer path). That module must hold this loss: one holding only the encoder
-        still leaves the head's gradients un-reduced.
+        still leaves the head's gradients un-reduced. Skipped while torch.compile traces: a
+        warning there would break the graph, and the eager steps around it have warned already.
         """
         if self._warned_outside_ddp or not self.training or torch.compiler.is_compiling():
             return

@@ -104,6 +104,7 @@ def two_processes(monkeypatch):
     """Make SALoss see an initialized process group of 2 (no processes needed for its checks)."""
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)  # torch.compile's logging asks for it
 
 
 def run_loss(criterion, n: int = 1):
@@ -277,3 +278,15 @@ def test_forward_has_its_own_docstring(module, arguments):
     for name in arguments:
         assert f"{name}:" in doc, f"{module.__name__}.forward does not document {name}"
     assert "Returns:" in doc and "(B," in doc
+
+
+def test_the_ddp_check_leaves_a_compiled_step_whole(two_processes):
+    """The check runs outside the graph: SALoss still compiles with no graph break, and stays silent."""
+    torch._dynamo.reset()
+    criterion = sk.SALoss(8, window=3)
+    compiled = torch.compile(criterion, fullgraph=True, backend="aot_eager")
+    feat = torch.randn(2, 8, 4, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(feat, feat.flip(-1), torch.rand(2), torch.rand(2))
+    assert torch.isfinite(out.total) and not [w for w in caught if issubclass(w.category, RuntimeWarning)]
