@@ -239,8 +239,10 @@ class SALoss(nn.Module):
         DDP marks the module whose forward it is running in the class attribute
         ``DistributedDataParallel._active_ddp_module`` (set and restored around every forward by
         its C++ reducer path). That module must hold this loss: one holding only the encoder
-        still leaves the head's gradients un-reduced. Skipped while torch.compile traces: a
-        warning there would break the graph, and the eager steps around it have warned already.
+        still leaves the head's gradients un-reduced. Skipped while torch.compile traces (a
+        warning there would break the graph), so a compiled forward never warns. DDP's Python
+        reducer (an option of compiled autograd) runs its forward without the marker: there the
+        warning is a false alarm, to be filtered.
         """
         if self._warned_outside_ddp or not self.training or torch.compiler.is_compiling():
             return
@@ -254,7 +256,8 @@ class SALoss(nn.Module):
         self._warned_outside_ddp = True
         warnings.warn(
             "SALoss runs in training mode under a process group of "
-            f"{dist.get_world_size()} processes outside DistributedDataParallel: its positional "
+            f"{dist.get_world_size()} processes outside DistributedDataParallel (or inside one that "
+            "does not hold it): its positional "
             "head's gradients are not averaged and the heads drift apart across processes. Wrap the "
             "encoder and the loss together, DistributedDataParallel(SALModel(encoder, criterion)), "
             "and optimise model.parameters().",
