@@ -86,7 +86,10 @@ class SALPrepareBatch:
         missing = [key for key in (*self.image_keys, *self.pos_keys) if key not in batchdata]
         if missing:
             raise ValueError(f"batchdata lacks the keys {missing}; got keys {sorted(map(str, batchdata))}")
-        move = lambda key: torch.as_tensor(batchdata[key]).to(device=device, non_blocking=non_blocking, **kwargs)
+
+        def move(key: str) -> torch.Tensor:
+            return torch.as_tensor(batchdata[key]).to(device=device, non_blocking=non_blocking, **kwargs)
+
         image_a, image_b = (move(key) for key in self.image_keys)
         pos_a, pos_b = (move(key) for key in self.pos_keys)
         # A mask keeps its bool dtype: only the device moves (to_kwargs may carry a dtype or memory format).

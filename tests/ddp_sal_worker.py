@@ -2,11 +2,12 @@
 
     python tests/ddp_sal_worker.py RANK WORLD PORT OUT
 
-Three modes, one after the other in one process group: ``model``: ``DistributedDataParallel(SALModel(encoder, criterion))``, the intended use;
-``apart``: only the encoder in DDP, the criterion called beside it; ``unregistered``: a DDP module
-whose forward calls a criterion it does not hold as a submodule. Each rank trains three steps on
-its own random pairs (so un-averaged gradients differ) and saves its head before and after, and
-the warnings it saw; ``OUT`` gets ``{mode: results}``.
+Three modes, one after the other in one process group: ``model``,
+``DistributedDataParallel(SALModel(encoder, criterion))``, the intended use; ``apart``, only the
+encoder in DDP, the criterion called beside it; ``unregistered``, a DDP module whose forward calls a
+criterion it does not hold as a submodule. Each rank trains three steps on its own random pairs (so
+un-averaged gradients differ) and saves its head before and after, and the warnings it saw:
+``OUT`` gets ``{mode: results}``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def train(mode: str, rank: int) -> dict:
         trained = DistributedDataParallel(encoder)
         # One DDP forward per step (both images at once): DDP expects one forward per backward.
         step = lambda a, b, pa, pb, ma, mb: criterion(*trained(torch.cat([a, b])).chunk(2), pa, pb,
-                                                      sk.feature_mask(ma, (4, 4)), sk.feature_mask(mb, (4, 4)))
+                                                      sk.feature_mask(ma, (4, 4)),
+                                                      sk.feature_mask(mb, (4, 4)))
     else:
         trained = DistributedDataParallel(Unregistered(encoder, criterion))
         step = lambda a, b, pa, pb, ma, mb: trained(a, b, pa, pb)

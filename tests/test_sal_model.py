@@ -54,7 +54,8 @@ def test_sal_model_equals_encoder_then_criterion(channel_first):
     out.total.backward()
     assert all(p.grad is not None for p in model.parameters())  # encoder and head: one optimizer covers both
     names = {n for n, _ in model.named_parameters()}
-    assert any(n.startswith("encoder.") for n in names) and any(n.startswith("criterion.head.") for n in names)
+    assert any(n.startswith("encoder.") for n in names)
+    assert any(n.startswith("criterion.head.") for n in names)
 
 
 def test_sal_model_masks_reach_the_loss():
@@ -173,7 +174,8 @@ def ddp_runs(tmp_path_factory):
     # Sessions of their own, killed whole on timeout, so that no worker outlives the test.
     processes = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_sal_worker.py"), str(rank),
                                    str(world), str(port), str(outs[rank])], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                                  start_new_session=True)
                  for rank in range(world)]
     try:
         results = [p.communicate(timeout=120) for p in processes]
@@ -255,7 +257,8 @@ def test_prepare_batch_rejects_batches():
     prepare = sk.SALPrepareBatch()
     with pytest.raises(TypeError, match="batchdata must be a mapping of a pair batch; got list"):
         prepare([torch.zeros(1)])
-    with pytest.raises(ValueError, match=r"batchdata lacks the keys \['pos_b'\]; got keys \['pos_a', 'slice_a'"):
+    message = r"batchdata lacks the keys \['pos_b'\]; got keys \['pos_a', 'slice_a'"
+    with pytest.raises(ValueError, match=message):
         prepare({"slice_a": 0, "slice_b": 0, "pos_a": 0})
 
 
