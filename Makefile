@@ -12,7 +12,7 @@ VENV ?= .venv
 VENV_ARGS ?=
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= test,triton,data
+EXTRAS ?= test,triton,data,lightning
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip

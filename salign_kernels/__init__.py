@@ -12,6 +12,8 @@ from .functional import dense_match, global_positional_loss, local_alignment_los
 from .masks import feature_mask
 from .losses import GlobalPositionalHead, LocalAlignmentLoss, SALoss, SALossOutput
 from .tokens import most_similar_index, select_most_similar, token_alignment_loss, token_match
+from .model import SALModel
+from .engines import SALPrepareBatch, sal_total
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,9 @@ __all__ = [
     "GlobalPositionalHead",
     "SALoss",
     "SALossOutput",
+    "SALModel",
+    "SALPrepareBatch",
+    "sal_total",
     "backends",
     "resolve_backend",
     "BackendStatus",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._numerics import accumulation_dtype
@@ -18,6 +20,9 @@ from ._validation import (
     check_window_option,
 )
 from .functional import Window, global_positional_loss, local_alignment_loss
+
+
+_UNKNOWN = object()
 
 
 def _check_positive_int(value, name: str) -> None:
@@ -77,6 +82,19 @@ class LocalAlignmentLoss(nn.Module):
         mask_a: Optional[torch.Tensor] = None,
         mask_b: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """The local alignment loss of two feature maps.
+
+        Args:
+            feat_a: floating ``(B, C, H, W)`` or ``(B, C, D, H, W)``: the queries' features.
+            feat_b: the candidates' features, the same shape, dtype and device as ``feat_a``.
+            mask_a: optional bool ``(B, *spatial)`` on the feature grid (not the image's: see
+                :func:`salign_kernels.feature_mask`); a False pixel of a is not a query.
+            mask_b: optional bool ``(B, *spatial)``; a False pixel of b is never a match.
+
+        Returns:
+            float32 (float64 for float64 features): a scalar for ``"mean"`` / ``"sum"``; for
+            ``"none"``, ``(B, *spatial)``, or ``(B, 2, *spatial)`` when symmetric (0 at invalid pixels).
+        """
         return local_alignment_loss(
             feat_a,
             feat_b,
@@ -123,6 +141,16 @@ class GlobalPositionalHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * in_channels, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
 
     def forward(self, feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
+        """The predicted offset ``pos_b - pos_a`` of two feature maps.
+
+        Args:
+            feat_a: floating ``(B, in_channels, H, W)`` or ``(B, in_channels, D, H, W)``.
+            feat_b: the same shape, dtype and device as ``feat_a``.
+
+        Returns:
+            ``(B,)`` when ``out_features == 1``, else ``(B, out_features)``, in the head's dtype
+            (float32 unless converted).
+        """
         check_features(feat_a, feat_b)
         if feat_a.shape[1] != self.in_channels:
             raise ValueError(
@@ -147,8 +175,14 @@ class SALossOutput(NamedTuple):
 class SALoss(nn.Module):
     """The self-supervised alignment objective: ``L = L_LA (or L_WLA) + gp_weight * L_GP``.
 
-    Holds a :class:`GlobalPositionalHead` (its parameters train with the encoder) and a
-    :class:`LocalAlignmentLoss`.
+    Holds a :class:`GlobalPositionalHead` and a :class:`LocalAlignmentLoss`. The head has
+    parameters, so this loss trains: its parameters must go to the optimizer with the encoder's
+    (left out, the head never learns and the positional loss stops regularising), and under
+    ``DistributedDataParallel`` the loss must sit inside the wrapped module with the encoder
+    (outside it, each process's head drifts its own way). :class:`salign_kernels.SALModel` holds
+    both, so one ``DistributedDataParallel(model)`` and one ``optimizer(model.parameters())`` cover
+    everything. In training mode under a process group of more than one process, an eager forward
+    outside a DDP forward that holds this loss warns once (a :class:`RuntimeWarning`).
 
     Args:
         in_channels: channels of the features (for the positional head).
@@ -197,6 +231,39 @@ class SALoss(nn.Module):
         self.gp_weight = float(gp_weight)
         self.local_loss = LocalAlignmentLoss(window, window_mode, symmetric, normalize, reduction, backend)
         self.head = GlobalPositionalHead(in_channels, hidden, pos_dims)
+        self._warned_outside_ddp = False
+
+    def _check_distributed_use(self) -> None:
+        """Warn once when training under several processes outside a ``DistributedDataParallel``.
+
+        DDP marks the module whose forward it is running in the class attribute
+        ``DistributedDataParallel._active_ddp_module`` (set and restored around every forward by
+        its C++ reducer path). That module must hold this loss: one holding only the encoder
+        still leaves the head's gradients un-reduced. Skipped while torch.compile traces (a
+        warning there would break the graph), so a compiled forward never warns. DDP's Python
+        reducer (an option of compiled autograd) runs its forward without the marker: there the
+        warning is a false alarm, to be filtered.
+        """
+        if self._warned_outside_ddp or not self.training or torch.compiler.is_compiling():
+            return
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", _UNKNOWN)
+        if ddp is _UNKNOWN:  # a torch without the marker: no reliable way to tell
+            return
+        if ddp is not None and any(module is self for module in ddp.module.modules()):
+            return
+        self._warned_outside_ddp = True
+        warnings.warn(
+            "SALoss runs in training mode under a process group of "
+            f"{dist.get_world_size()} processes outside DistributedDataParallel (or inside one that "
+            "does not hold it): its positional "
+            "head's gradients are not averaged and the heads drift apart across processes. Wrap the "
+            "encoder and the loss together, DistributedDataParallel(SALModel(encoder, criterion)), "
+            "and optimise model.parameters().",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def forward(
         self,
@@ -207,6 +274,23 @@ class SALoss(nn.Module):
         mask_a: Optional[torch.Tensor] = None,
         mask_b: Optional[torch.Tensor] = None,
     ) -> SALossOutput:
+        """The SAL objective of two feature maps and their positions.
+
+        Args:
+            feat_a: floating ``(B, in_channels, H, W)`` or ``(B, in_channels, D, H, W)``: the
+                features of the first slice (sub-volume) of each pair.
+            feat_b: the second's, the same shape, dtype and device as ``feat_a``.
+            pos_a: floating ``(B,)`` positions in [0, 1] (``(B, pos_dims)`` when ``pos_dims > 1``).
+            pos_b: the same shape as ``pos_a``; the head predicts ``pos_b - pos_a``.
+            mask_a: optional bool ``(B, *spatial)`` on the feature grid (bring an image-resolution
+                mask there with :func:`salign_kernels.feature_mask`); False pixels are not matched.
+            mask_b: optional bool ``(B, *spatial)``, the same for ``feat_b``.
+
+        Returns:
+            :class:`SALossOutput` ``(total, local, positional)``: scalar tensors, float32 at least;
+            ``total`` is the one to backpropagate.
+        """
+        self._check_distributed_use()
         local = self.local_loss(feat_a, feat_b, mask_a, mask_b)
         pred = self.head(feat_a, feat_b)
         # float32 at least (a half-precision head under autocast), float64 for a float64 head.

@@ -17,6 +17,7 @@ def test_public_names():
     for name in [
         "dense_match", "window_match", "local_alignment_loss", "global_positional_loss",
         "LocalAlignmentLoss", "GlobalPositionalHead", "SALoss", "backends",
+        "SALossOutput", "feature_mask", "SALModel", "SALPrepareBatch", "sal_total",
     ]:
         assert hasattr(sk, name), name
 

@@ -112,6 +112,22 @@ def test_finetune_rejects_overlapping_slabs(tmp_path):
     assert result.returncode != 0 and "no slice leakage" in result.stderr
 
 
+def test_pretrain_monai_smoke():
+    """SAL in MONAI's SupervisedTrainer: two iterations, each logging the loss and its parts."""
+    pytest.importorskip("ignite")
+    out = run_script("pretrain_sal_monai.py", "--smoke", env=ONE_THREAD).stdout
+    lines = [line for line in out.splitlines() if line.startswith("epoch 1 iteration")]
+    assert len(lines) == 2 and all("total " in line and "(local " in line and "positional " in line for line in lines)
+
+
+def test_pretrain_lightning_smoke():
+    """SAL as a LightningModule: one epoch, the logged parts printed at its end."""
+    pytest.importorskip("lightning")
+    out = run_script("pretrain_sal_lightning.py", "--smoke", env=ONE_THREAD).stdout
+    line = next(line for line in out.splitlines() if line.startswith("epoch 0:"))
+    assert all(f"'{part}': '" in line for part in ("total", "local", "positional"))
+
+
 # ------------------------------------------------------------------------------------------- blocks
 def test_feature_spread_detects_collapse():
     constant = torch.ones(2, 16, 6, 6) + 1e-7 * torch.randn(2, 16, 6, 6)
