@@ -15,14 +15,27 @@
 namespace salign {
 namespace {
 
+// The build defines SALIGN_HAVE_<VARIANT> for each variant it compiled (salign_kernels/_build.py):
+// the ahead-of-time build has all of this architecture's, the build at first use only the one this
+// machine runs. A capability without its own variant runs DEFAULT, when the build has it.
 const KernelTable& kernel_table() {
   static const KernelTable* table = [] {
     const std::string capability = at::get_cpu_capability();
-#ifdef SALIGN_HAVE_X86_VARIANTS
-    if (capability == "AVX512") return &AVX512::kernels;
-    if (capability == "AVX2") return &AVX2::kernels;
+    const KernelTable* chosen = nullptr;
+#ifdef SALIGN_HAVE_AVX512
+    if (capability == "AVX512") chosen = &AVX512::kernels;
 #endif
-    return &DEFAULT::kernels;
+#ifdef SALIGN_HAVE_AVX2
+    if (capability == "AVX2") chosen = &AVX2::kernels;
+#endif
+#ifdef SALIGN_HAVE_DEFAULT
+    if (chosen == nullptr) chosen = &DEFAULT::kernels;
+#endif
+    // Only a single-variant build can get here, loaded under another capability than it was
+    // built for (its cache is keyed by capability, so only by hand): never run unsupported code.
+    TORCH_CHECK(chosen != nullptr, "salign_kernels: this build of the C++ kernels has no variant for the CPU "
+                "capability torch runs with (", capability, "); rebuild it for this capability");
+    return chosen;
   }();
   return *table;
 }
