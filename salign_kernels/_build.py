@@ -41,6 +41,13 @@ _X86 = {
         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
     ],
 }
+#: The /proc/cpuinfo flags a CPU needs to execute each x86 variant (the instructions its flags
+#: allow): the build at first use steps down from torch's capability to a variant the CPU runs,
+#: since torch reports whatever ATEN_CPU_CAPABILITY asks for.
+CPUINFO_FLAGS = {
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
+}
 #: Every variant name a source file may carry, on any architecture.
 ALL_VARIANTS = tuple(_DEFAULT) + tuple(_X86)
 

@@ -54,11 +54,32 @@ def jit_enabled() -> bool:
     return os.environ.get("SALIGN_KERNELS_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo, or None where there is no such file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def jit_variant() -> str:
-    """The CPU variant the running torch dispatches to: its capability when this architecture has
-    a variant of that name, else ``default`` (what the dispatcher in match_cpu.cpp would run)."""
+    """The CPU variant to build: torch's capability when this architecture has a variant of that
+    name and the CPU executes it, else the next lower one, else ``default`` (the choice the
+    dispatcher in match_cpu.cpp makes among the variants of a full build)."""
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    return capability if capability in _build.cpu_variants() else "default"
+    variants = list(_build.cpu_variants())
+    if capability not in variants:
+        return "default"
+    flags = _cpu_flags()
+    for variant in reversed(variants[: variants.index(capability) + 1]):  # capability, then lower
+        needed = _build.CPUINFO_FLAGS.get(variant, ())
+        if flags is None or all(flag in flags for flag in needed):
+            return variant
+    return "default"
 
 
 def jit_flags(variant: str):
