@@ -17,7 +17,8 @@ EXTRAS ?= test,triton,data,lightning
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.salign-installed
-SOURCES := pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
+SOURCES := pyproject.toml setup.py salign_kernels/_build.py \
+	$(shell find salign_kernels/csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
 .PHONY: install test demo demo3d finetune check bench gpu-check clean
 

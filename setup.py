@@ -1,85 +1,62 @@
-"""Build script: the Python package plus the C++ extension ``salign_kernels._C`` compiled from csrc/.
+"""Build script: the Python package, with the C++ extension ``salign_kernels._C`` compiled ahead of
+time when torch is importable here.
 
-torch is needed at build time (``torch.utils.cpp_extension``), so install with
-``pip install --no-build-isolation .`` after torch. Without C++ sources the package is pure Python.
+Two ways to install, one package:
 
-Sources are found by one rule: every ``csrc/**/*.cpp``. A file named ``<stem>_<variant>.cpp`` for a
-CPU capability PyTorch ships kernels for (``default``, ``avx2``, ``avx512``) is compiled with that
-capability's instruction-set flags (and skipped on a machine architecture without it); at run time
-the extension uses the variant matching ``torch.backends.cpu.get_cpu_capability()``. The flags say
-which instructions a variant may use; they do not probe the build machine.
+- ``pip install .`` builds in an isolated environment, which has no torch (pyproject's build
+  requirements leave it out on purpose: listing it made pip fetch a second, multi-GB torch to
+  compile against, whose binary interface need not match the user's). setup.py then builds a
+  pure-Python wheel that carries the C++ sources (``salign_kernels/csrc``) as package data, and
+  the package compiles them against the installed torch at first use
+  (:mod:`salign_kernels.ops._extension`).
+- ``pip install --no-build-isolation .`` after torch (what the Makefile does) compiles the
+  extension here, against that torch, for every CPU variant this machine architecture has.
 
-OpenMP: ``at::parallel_for`` runs on the thread pool torch was built with. The kernels are compiled
-with ``-fopenmp`` when torch uses OpenMP and the compiler accepts the flag, else without it (torch's
-own pool then runs them).
+The sources, the variant table and the flags come from ``salign_kernels/_build.py``, which the
+first-use build reads too.
 """
 
-import glob
+import importlib.util
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
+import sys
 
 from setuptools import setup
 
-# File suffix -> compiler flags. DEFAULT runs anywhere; the x86 variants mirror PyTorch's own.
-CPU_VARIANTS = {"default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]}
-X86_VARIANTS = {
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "avx512": [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
-    ],
-}
-ALL_VARIANTS = ("default", *X86_VARIANTS)
-if platform.machine().lower() in ("x86_64", "amd64"):
-    CPU_VARIANTS.update(X86_VARIANTS)
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def variant_of(source):
-    """The CPU variant a source file is built for (its name's last ``_<variant>``), or None."""
-    stem = os.path.splitext(os.path.basename(source))[0]
-    suffix = stem.rsplit("_", 1)[-1] if "_" in stem else None
-    return suffix if suffix in ALL_VARIANTS else None
+def _build_description():
+    """``salign_kernels/_build.py``, loaded by path: importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("_salign_build", os.path.join(HERE, "salign_kernels", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def compiler_accepts(flag):
-    """Whether the C++ compiler builds and links a program with ``flag``."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        return False
-    with tempfile.TemporaryDirectory() as tmp:
-        source = os.path.join(tmp, "probe.cpp")
-        with open(source, "w") as f:
-            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
-        result = subprocess.run([compiler, flag, source, "-o", os.path.join(tmp, "probe")], capture_output=True)
-    return result.returncode == 0
+def cpp_extensions(build):
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("salign_kernels: torch is not importable in this build environment, so the C++ extension is "
+              "not compiled now; the installed package compiles it against the installed torch at first use "
+              "(to compile it here instead: pip install --no-build-isolation .)", file=sys.stderr)
+        return [], {}
 
-
-def openmp_flags():
-    """``-fopenmp`` where torch parallelises with OpenMP and the compiler supports it."""
-    import torch
-
-    if not torch.backends.openmp.is_available():
-        return []
-    return ["-fopenmp"] if compiler_accepts("-fopenmp") else []
-
-
-def cpp_extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    sources = [s for s in sources if variant_of(s) is None or variant_of(s) in CPU_VARIANTS]
+    variants = build.cpu_variants()
+    # Relative paths: setuptools places the objects of relative sources under build_temp.
+    root = os.path.relpath(build.CSRC, HERE)
+    sources = build.sources(root, variants)
     if not sources:
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     class BuildWithCpuVariants(BuildExtension):
         """Compiles each CPU variant with its own flags, then the extension as usual."""
 
         def build_extension(self, ext):
             variant_objects = []
-            for variant, flags in CPU_VARIANTS.items():
-                variant_sources = [s for s in ext.sources if variant_of(s) == variant]
+            for variant, flags in variants.items():
+                variant_sources = [s for s in ext.sources if build.variant_of(s) == variant]
                 if not variant_sources:
                     continue
                 variant_objects += self.compiler.compile(
@@ -91,22 +68,22 @@ def cpp_extensions():
                     extra_postargs={"cxx": list(ext.extra_compile_args["cxx"]) + flags},
                     depends=ext.depends,
                 )
-            ext.sources = [s for s in ext.sources if variant_of(s) is None]
+            ext.sources = [s for s in ext.sources if build.variant_of(s) is None]
             ext.extra_objects = list(ext.extra_objects or []) + variant_objects
             super().build_extension(ext)
 
-    openmp = openmp_flags()
-    defines = ["-DSALIGN_HAVE_X86_VARIANTS"] if "avx2" in CPU_VARIANTS else []
+    openmp = build.openmp_flags(torch.backends.openmp.is_available())
+    built = sorted({build.variant_of(s) for s in sources} - {None})
     extension = CppExtension(
         "salign_kernels._C",
         sources,
-        include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3"] + openmp + defines},
+        include_dirs=[build.CSRC],
+        extra_compile_args={"cxx": build.BASE_FLAGS + openmp + build.have_flags(built)},
         extra_link_args=openmp,
-        depends=sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
+        depends=build.headers(root),
     )
     return [extension], {"build_ext": BuildWithCpuVariants.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = cpp_extensions()
+ext_modules, cmdclass = cpp_extensions(_build_description())
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -17,7 +17,9 @@ order ``auto`` tries and :func:`backends` all derive from it. A backend module p
 
 ``matching`` is the :class:`~salign_kernels._matching.Matching` of the call (spatial shape,
 per-axis window, mode, normalisation, masks). Backends load lazily: importing
-:mod:`salign_kernels` never compiles or probes anything.
+:mod:`salign_kernels` never compiles or probes anything. The first use of the cpp backend may
+compile its extension (once per torch and machine, see :mod:`salign_kernels.ops._extension`);
+when that cannot work its status says why, and ``auto`` warns once and falls back.
 """
 
 from __future__ import annotations

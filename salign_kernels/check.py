@@ -1,13 +1,17 @@
 """Self-check: ``python -m salign_kernels.check``.
 
-Prints the versions that matter and which backends are available (and why not), then runs every
-available compiled backend once on a tiny input, for each kind of matching in 2D and 3D, against the
-reference: values, indices and both input gradients. Says how many comparisons it made, and exits
-with status 1 if any backend disagrees (or if there was nothing to compare).
+Prints the versions that matter, which copy of the package was imported (a source tree on
+``sys.path``, e.g. the current directory, shadows an installed package), which backends are
+available (and why not) and where the C++ extension came from (prebuilt, or compiled at first use
+and cached), then runs every available compiled backend once on a tiny input, for each kind of
+matching in 2D and 3D, against the reference: values, indices and both input gradients. Says which
+backends it compared and how many comparisons it made, and exits with status 1 if any backend
+disagrees (or if there was nothing to compare).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import List
@@ -28,9 +32,15 @@ CASES = [  # (label, shape, window, window_mode, symmetric)
 ]
 
 
+def _package_directory() -> str:
+    """The directory the package was imported from: an installed copy, or a source tree that
+    shadows it (the current directory comes first on ``sys.path``)."""
+    return os.path.dirname(os.path.abspath(salign_kernels.__file__))
+
+
 def _versions() -> List[str]:
     lines = [
-        f"salign_kernels {salign_kernels.__version__}",
+        f"salign_kernels {salign_kernels.__version__} from {_package_directory()}",
         f"python {platform.python_version()} ({platform.machine()})",
         f"torch {torch.__version__} (threads: {torch.get_num_threads()})",
     ]
@@ -76,6 +86,12 @@ def _compare(name: str, device: torch.device, shape, window, mode, symmetric) ->
     return max((x - y).abs().max().item() for x, y in zip(got, want))
 
 
+def _origin(extension) -> str:
+    if extension.origin == "prebuilt":
+        return f"prebuilt, {extension.path}"
+    return f"compiled at first use, cached in {extension.path}"
+
+
 def main() -> int:
     print("\n".join(_versions()))
     print("\nbackends:")
@@ -84,17 +100,20 @@ def main() -> int:
     if salign_kernels.backends()["cpp"]:
         from salign_kernels.ops import cpp
 
+        print(f"  cpp extension: {_origin(cpp.EXTENSION)}")
         print(f"  cpp kernel variant in use: {cpp.capability()} (follows ATEN_CPU_CAPABILITY)")
     print(f"  auto on cpu -> {salign_kernels.resolve_backend('auto', 'cpu')}")
     if torch.cuda.is_available():
         print(f"  auto on cuda -> {salign_kernels.resolve_backend('auto', 'cuda')}")
 
     failures = compared = 0
+    pairs = []  # "<backend> on <device type>", each compared with the reference
     print("\nagreement with the reference (max |difference| over loss, values and gradients):")
     for name, status in salign_kernels.backends().items():
         if name == "reference" or not status:
             continue
         for device in _devices_for(name):
+            pairs.append(f"{name} on {device.type}")
             for label, shape, window, mode, symmetric in CASES:
                 error = _compare(name, device, shape, window, mode, symmetric)
                 ok = error <= 1e-4
@@ -106,9 +125,9 @@ def main() -> int:
               "(the reference alone runs, slowly); see the reasons above")
         return 1
     if failures:
-        print(f"\n{failures} of {compared} check(s) failed")
+        print(f"\n{failures} of {compared} check(s) failed (compared with the reference: {', '.join(pairs)})")
         return 1
-    print(f"\nall {compared} checks agree with the reference")
+    print(f"\nall {compared} checks agree with the reference (compared with it: {', '.join(pairs)})")
     return 0
 
 

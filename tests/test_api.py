@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -137,9 +138,12 @@ def test_import_without_the_compiled_extension():
         "for _ in range(3):\n"
         "    print(sk.local_alignment_loss(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)).item())\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # Without the switch the sources would compile at first use (tests/test_install.py does that).
+    env = dict(os.environ, SALIGN_KERNELS_JIT="0")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "raised: backend='cpp' is not available: the C++ extension salign_kernels._C is not built" in result.stdout
+    assert "compiling it at first use is switched off (SALIGN_KERNELS_JIT=0)" in result.stdout
     # auto falls back to the reference with a warning that says why, once.
     assert result.stderr.count("backend='auto' on cpu tensors cannot use 'cpp'") == 1, result.stderr
     assert "not built" in result.stderr

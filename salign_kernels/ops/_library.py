@@ -1,9 +1,10 @@
 """The op family every compiled backend implements, defined once: schemas, fake implementations and
 autograd of ``torch.ops.salign_kernels.match``, ``match_symmetric`` and ``match_backward``.
 
-The C++ kernels register themselves for CPU tensors (``TORCH_LIBRARY_IMPL`` in ``csrc/ops.cpp``),
-the Triton launchers for CUDA tensors (:mod:`salign_kernels.ops.triton.library`), the way
-pytorch/extension-cpp pairs ``csrc/cpu`` and ``csrc/cuda`` kernels under one op. The schemas live
+The C++ kernels register themselves for CPU tensors (``TORCH_LIBRARY_IMPL`` in
+``salign_kernels/csrc/ops.cpp``), the Triton launchers for CUDA tensors
+(:mod:`salign_kernels.ops.triton.library`), the way pytorch/extension-cpp pairs ``csrc/cpu`` and
+``csrc/cuda`` kernels under one op. The schemas live
 here, in Python, so that either backend works without the other (a GPU machine without the C++
 build, a CPU machine without Triton).
 

@@ -1,10 +1,12 @@
-"""The C++ CPU backend: the compiled kernels of ``csrc/`` behind the op family of
+"""The C++ CPU backend: the compiled kernels of ``salign_kernels/csrc/`` behind the op family of
 :mod:`salign_kernels.ops._library`.
 
 The kernels take the ``(B, C, *spatial)`` features as they are, in any memory layout, normalise
 inside the kernels and write the gradients in the features' layout: on a CPU, where every pass over
 ``B x C x N`` values costs memory bandwidth, this saves layout copies, the norms and their autograd.
-Loading the extension ``salign_kernels._C`` registers its kernels for CPU tensors.
+Loading the extension registers its kernels for CPU tensors: the prebuilt ``salign_kernels._C``, or
+the same sources compiled at first use (:mod:`salign_kernels.ops._extension`), so importing this
+module may take minutes once per torch version and machine; :data:`EXTENSION` says which.
 """
 
 from __future__ import annotations
@@ -15,27 +17,20 @@ import torch
 
 from .._backend import BackendStatus
 from .._matching import Matching
+from ._extension import load
 from ._library import call_match, call_match_symmetric, op_family
 
 name = "cpp"
 
 OPS = op_family()  # the schemas first: the extension's kernels register against them
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers the kernels)
-except ImportError as exc:  # not built: the backend reports why instead of failing the import
-    _LOAD_ERROR: Optional[BaseException] = exc
-else:
-    _LOAD_ERROR = None
+#: Where the kernels came from (prebuilt, compiled at first use) or why there are none.
+EXTENSION = load()
 
 
 def status() -> BackendStatus:
-    if _LOAD_ERROR is not None:
-        return BackendStatus(
-            False,
-            f"the C++ extension salign_kernels._C is not built ({_LOAD_ERROR}); "
-            "install the package with `pip install --no-build-isolation .` after torch",
-        )
+    if EXTENSION.origin is None:
+        return BackendStatus(False, EXTENSION.reason)
     return BackendStatus(True)
 
 

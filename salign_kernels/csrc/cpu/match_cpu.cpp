@@ -15,10 +15,10 @@
 namespace salign {
 namespace {
 
-#ifdef SALIGN_HAVE_X86_VARIANTS
-// Whether this CPU executes a variant's instructions (the flags setup.py compiles it with).
-// PyTorch reports the capability ATEN_CPU_CAPABILITY asks for even where the CPU lacks it, and a
-// variant the CPU cannot run would stop the process with SIGILL.
+// Whether this CPU executes a variant's instructions (the flags salign_kernels/_build.py compiles
+// it with). PyTorch reports the capability ATEN_CPU_CAPABILITY asks for even where the CPU lacks
+// it, and a variant the CPU cannot run would stop the process with SIGILL.
+#if defined(SALIGN_HAVE_AVX512) || defined(SALIGN_HAVE_AVX2)
 bool cpu_runs_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -29,15 +29,28 @@ bool cpu_runs_avx2() {
 }
 #endif
 
-// The variant PyTorch runs with, or the best lower one this CPU executes.
+// The variant PyTorch runs with, or the best lower one this CPU executes, among those the build
+// has: it defines SALIGN_HAVE_<VARIANT> for each variant it compiled (salign_kernels/_build.py),
+// all of this architecture's ahead of time, only the one this machine runs at first use.
 const KernelTable& kernel_table() {
   static const KernelTable* table = [] {
     const std::string capability = at::get_cpu_capability();
-#ifdef SALIGN_HAVE_X86_VARIANTS
-    if (capability == "AVX512" && cpu_runs_avx512()) return &AVX512::kernels;
-    if ((capability == "AVX512" || capability == "AVX2") && cpu_runs_avx2()) return &AVX2::kernels;
+    const KernelTable* chosen = nullptr;
+#ifdef SALIGN_HAVE_AVX512
+    if (capability == "AVX512" && cpu_runs_avx512()) chosen = &AVX512::kernels;
 #endif
-    return &DEFAULT::kernels;
+#ifdef SALIGN_HAVE_AVX2
+    if (chosen == nullptr && (capability == "AVX512" || capability == "AVX2") && cpu_runs_avx2())
+      chosen = &AVX2::kernels;
+#endif
+#ifdef SALIGN_HAVE_DEFAULT
+    if (chosen == nullptr) chosen = &DEFAULT::kernels;
+#endif
+    // Only a single-variant build can get here, loaded under another capability than it was
+    // built for (its cache is keyed by capability, so only by hand): never run unsupported code.
+    TORCH_CHECK(chosen != nullptr, "salign_kernels: this build of the C++ kernels has no variant for the CPU "
+                "capability torch runs with (", capability, ") that this CPU executes; rebuild it");
+    return chosen;
   }();
   return *table;
 }

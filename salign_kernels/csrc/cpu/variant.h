@@ -1,7 +1,7 @@
 // The kernels of one CPU capability and their entry points. kernels_<capability>.cpp includes this
-// header, and setup.py compiles each with that capability's compiler flags and
-// -DCPU_CAPABILITY=<capability>, the macro that also names the inline namespace of at::vec, so the
-// variants never collide at link time. match_cpu.cpp picks one at run time.
+// header, and the build (salign_kernels/_build.py) compiles each with that capability's compiler
+// flags and -DCPU_CAPABILITY=<capability>, the macro that also names the inline namespace of
+// at::vec, so the variants never collide at link time. match_cpu.cpp picks one at run time.
 #pragma once
 
 #include <c10/util/BFloat16.h>

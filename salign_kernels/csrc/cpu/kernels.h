@@ -1,6 +1,6 @@
 // The interface between the op layer (match_cpu.cpp, which knows at::Tensor) and the kernels,
 // which are compiled once per CPU capability (kernels_default.cpp, kernels_avx2.cpp,
-// kernels_avx512.cpp; see setup.py) and know only raw pointers and strides.
+// kernels_avx512.cpp; see salign_kernels/_build.py) and know only raw pointers and strides.
 #pragma once
 
 #include <cstdint>

@@ -1,3 +1,0 @@
-// The matching kernels built for the DEFAULT CPU capability: setup.py compiles this file with
-// that capability's flags and -DCPU_CAPABILITY=DEFAULT. The code is in variant.h.
-#include "cpu/variant.h"
