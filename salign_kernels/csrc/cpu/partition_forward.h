@@ -17,8 +17,8 @@
 // queries in lanes each accumulator is one candidate against NV * VS queries, folded straight
 // into a running best per lane (lanes.h) in ascending candidate order: no horizontal reduction
 // and no scalar scan, which a dense-style kernel (candidates in lanes) would pay per query on
-// tiles this small. (MR, NV) is chosen per tile among (9, 3), (6, 4), (12, 2) on AVX-512 ((4, 3),
-// (6, 2), (12, 1) on AVX2) to compute the fewest padded similarities (k = 15: 225 queries fill 15 vectors of 16, 225 candidates 25 groups of 9;
+// tiles this small. (MR, NV) is chosen per tile among (9, 3), (6, 4), (12, 2) to compute the fewest
+// padded similarities (k = 15: 225 queries fill 15 vectors of 16, 225 candidates 25 groups of 9;
 // k = 7: 49 queries, 4 vectors; k = 5: 25 queries, 2 vectors).
 #pragma once
 
@@ -180,13 +180,7 @@ using TileKernel = void (*)(const TileCall<acc_t>&);
 struct TileShape {
   int mr, nv;
 };
-// MR * NV accumulators + NV query vectors + one broadcast within the register file: 32 on
-// AVX-512, 16 on AVX2 (and DEFAULT), where (9, 3) would spill on every channel step.
-#if defined(CPU_CAPABILITY_AVX512)
 constexpr TileShape kTileShapes[] = {{9, 3}, {6, 4}, {12, 2}};
-#else
-constexpr TileShape kTileShapes[] = {{4, 3}, {6, 2}, {12, 1}};
-#endif
 constexpr int kTileShapeCount = 3;
 
 template <typename acc_t>

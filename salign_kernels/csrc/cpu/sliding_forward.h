@@ -15,8 +15,8 @@
 // Blocking (slide_kernel): R query rows x KX offsets dx in registers. One candidate row serves R
 // query rows at once (row y + i sees it as offset dy - i), so per channel the kernel loads R query
 // vectors and KX candidate vectors for R * KX FMAs; R * KX + R + 1 <= 26 of the 32 AVX-512
-// registers (KX = 7: R = 3, KX = 5: R = 4; AVX2: chunks of at most 5, see slide_rows). Wider
-// windows go in chunks of at most kMaxChunk offsets. Candidate rows are visited in ascending (dz, y + dy), chunks and offsets in ascending
+// registers (KX = 7: R = 3, KX = 5: R = 4). Windows wider than 7 go in chunks of at most 7
+// offsets. Candidate rows are visited in ascending (dz, y + dy), chunks and offsets in ascending
 // dx, so every query folds its candidates in ascending flat index.
 //
 // Each task (a sample, a slab of planes, a band of rows) packs the candidate rows it needs once,
@@ -55,21 +55,13 @@ inline AxisRange sliding_range(int64_t x, int64_t X, int64_t k) {
 
 // Query rows per block for a chunk of KX offsets: R * KX accumulators, R query vectors and one
 // candidate vector within the register file. Chunks have 1, 3, 5 or 7 offsets (the whole window,
-// 2r + 1 <= kMaxChunk), or near-equal chunks of wider ones (at least 3 offsets), never 2.
-// AVX-512 has 32 vector registers: chunks of up to 7 offsets, R * KX + R + 1 <= 29. AVX2 (and
-// the DEFAULT build, whose 8-float vectors are pairs of SSE registers) has 16: chunks of up to
-// 5, R * KX + R + 1 <= 16 (a block of 3 x 7 would spill its accumulators on every channel step).
-#if defined(CPU_CAPABILITY_AVX512)
+// 2r + 1 <= 7), or 4 to 7 (near-equal chunks of wider ones), never 2. The same blocks serve AVX2
+// builds (16 registers): blocks sized for 16 registers (chunks of at most 5) measured up to 20%
+// slower there for k = 7, the spilled accumulators staying in L1.
 constexpr int slide_rows(int kx) {
   return kx == 1 ? 8 : kx == 2 ? 0 : kx == 3 ? 6 : kx == 4 ? 5 : kx == 5 ? 4 : kx == 6 ? 4 : 3;
 }
 constexpr int kMaxChunk = 7;
-#else
-constexpr int slide_rows(int kx) {
-  return kx == 1 ? 7 : kx == 2 ? 0 : kx == 3 ? 3 : kx == 4 ? 3 : kx == 5 ? 2 : 0;
-}
-constexpr int kMaxChunk = 5;
-#endif
 constexpr int kMaxSlideRows = 8;
 
 template <typename acc_t>
@@ -147,10 +139,8 @@ const std::array<std::array<SlideKernel<acc_t>, kMaxSlideRows + 1>, kMaxChunk + 
       slide_row_table<acc_t, 3>(Rows{}),
       slide_row_table<acc_t, 4>(Rows{}),
       slide_row_table<acc_t, 5>(Rows{}),
-#if defined(CPU_CAPABILITY_AVX512)
       slide_row_table<acc_t, 6>(Rows{}),
       slide_row_table<acc_t, 7>(Rows{}),
-#endif
   }};
   return table;
 }
