@@ -281,6 +281,11 @@ def test_volume_gradcheck(backend, window, mode):
 def test_volume_ties_pick_the_lowest_flat_index(backend, window, mode):
     # Every candidate of b is the same vector (exact ties in every window): the lowest flat index wins.
     a, b = make_features((2, 4, 3, 4, 5), seed=3)
+    if backend == "triton" and window is None:
+        # The interpreter's tl.dot is numpy's matmul, whose BLAS may round identical columns of a
+        # tile differently (OpenBLAS on AMD); entries +-1 make every product exact, so what is
+        # tested is the kernel's lowest-index rule (see test_edge_cases.py).
+        a, b = a.sign(), b.sign()
     b = b[:, :, :1, :1, :1].expand_as(b).contiguous()
     _, indices = run_match(backend, a, b, window, mode, normalize=False)
     _, want = reference.window_match(a, b, window, mode, normalize=False)
