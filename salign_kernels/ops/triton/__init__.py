@@ -30,11 +30,6 @@ except Exception as exc:  # Triton missing or broken: the backend is unavailable
 else:
     _IMPORT_ERROR = None
 
-#: The fused symmetric pass keeps per-row-block column partials; above this many bytes of them,
-#: the two directions run as two one-way passes instead.
-FUSED_SYMMETRIC_MAX_BYTES = 2**30
-
-
 def interpreted() -> bool:
     """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
     return _library is not None and _library.INTERPRETED
@@ -78,15 +73,11 @@ def match(feat_a, feat_b, matching: Matching):
 
 
 def fuses_symmetric(feat_a: torch.Tensor, matching: Matching) -> bool:
-    """Dense matching takes both directions from one pass over the similarity tiles (the b -> a
-    maxima are column maxima of the same tiles) while its partials stay under
-    :data:`FUSED_SYMMETRIC_MAX_BYTES`; windowed matching, and larger problems, run two passes."""
-    if not matching.dense or _library is None:
-        return False
-    partials = _library.symmetric_partial_bytes(feat_a.shape[0], matching.num_voxels, feat_a.dtype)
-    return partials <= FUSED_SYMMETRIC_MAX_BYTES
+    """Dense matching takes both directions from one op: each map is prepared once, and the two
+    scans share it (no memory beyond the outputs). Windowed matching runs two ops."""
+    return matching.dense and _library is not None
 
 
 def match_symmetric(feat_a, feat_b, matching: Matching):
-    """Both directions, ``[(values_ab, indices_ab), (values_ba, indices_ba)]``, from one pass."""
+    """Both directions, ``[(values_ab, indices_ab), (values_ba, indices_ba)]``, from one op."""
     return call_match_symmetric(_family(feat_a), feat_a, feat_b, matching)

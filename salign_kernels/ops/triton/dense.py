@@ -4,6 +4,21 @@ Kernel -> launcher. The kernel follows the fused-attention pattern: a program ke
 ``BLOCK_M`` queries resident, streams ``BLOCK_N``-pixel tiles of candidates through ``tl.dot`` and
 keeps a running (max, argmax) per query in float32 registers, so the ``N x N`` similarity matrix
 never exists. The backward pass does not come back here (see :mod:`.backward`).
+
+What a tile costs besides its product is the (max, argmax) epilogue, on the GPU's half-rate ALU
+pipe; the scan keeps it to a NaN-keeping row max, one compare-select-min for the lowest column at
+it, and a merge into the running best:
+
+- full candidate tiles of an unmasked ``b`` run without any per-element mask (only the ragged last
+  tile, and every tile of a masked ``b``, select their candidates);
+- with ``PREFETCH`` the next tile's product is issued before this tile's epilogue, so the tensor
+  cores work while the epilogue runs;
+- the rare cases leave the loop: a row whose maximum came out NaN (a NaN similarity, which wins at
+  its first index as in ``torch.max``) and a row without a finite or ``+inf`` candidate (it takes
+  its first candidate) are settled after the scan, by passes that run only when a row needs them.
+
+Both directions of a symmetric problem are two such scans (b -> a with the roles swapped): two
+lean passes cost less than one pass that also reduces down the columns.
 """
 
 from __future__ import annotations
@@ -12,26 +27,44 @@ import torch
 import triton
 import triton.language as tl
 
-from ._argmax import NO_HIT, block_argmax, fold_best
+from ._argmax import NO_HIT
+
+# Marks the scan leaves in indices for _dense_settle_kernel (valid indices are >= 0, -1 is "no match").
+NEEDS_NAN = tl.constexpr(-2)
+NEEDS_FIRST = tl.constexpr(-3)
 from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
 
 
 @triton.jit
 def _similarity_tile(
-    a_res, a_rows, row_in, b_base, cols, col_ok, C, sac, sbp, sbc,
+    a_res, a_rows, row_in, b_base, start, N, C, sac, sbp, sbc, mb_ptr, base,
+    MASKED: tl.constexpr, HAS_MASK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
-    IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``<xa_p, xb_q>`` for a tile of queries (rows) and candidates (``cols``), in float32 (float64).
+    """``(acc, col_ok)``: ``acc[i, j] = <xa_p, xb_q>`` for the queries of the block (rows) and the
+    candidates ``q = start + j``, in float32 (float64); ``col_ok`` whether ``q`` is a candidate.
 
-    Candidates outside ``col_ok`` load as zeros: no NaN of theirs can reach a product.
+    ``MASKED``: the tile may hold non-candidates (past ``N``, or masked out in ``b``); their rows
+    load as zeros (no NaN of theirs reaches a product) and the caller selects through ``col_ok``.
+    Otherwise the tile is full and unmasked: no predicate at all (``col_ok`` is not computed).
     """
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if MASKED and HAS_MASK_B:
+        col_ok = col_ok & (tl.load(mb_ptr + base + cols, mask=col_ok, other=0) != 0)
     ks = tl.arange(0, BLOCK_K)
     b_rows = b_base + cols.to(tl.int64)[:, None] * sbp
     if SINGLE_K and not IS_F64:
-        # No channel loop: the scan over candidate tiles is then the innermost loop, which Triton
-        # software-pipelines (the next tile's load overlaps this tile's product and epilogue).
-        bt = tl.load(b_rows + ks.to(tl.int64)[None, :] * sbc, mask=col_ok[:, None] & (ks < C)[None, :], other=0.0)
+        # No channel loop: the scan over candidate tiles is the innermost loop, which Triton
+        # software-pipelines (the next tiles' loads overlap this tile's product and epilogue).
+        ptrs = b_rows + ks.to(tl.int64)[None, :] * sbc
+        if MASKED:
+            bt = tl.load(ptrs, mask=col_ok[:, None] & (ks < C)[None, :], other=0.0)
+        elif EVEN_K:
+            bt = tl.load(ptrs)
+        else:
+            bt = tl.load(ptrs, mask=(ks < C)[None, :], other=0.0)
         if UPCAST:
             bt = bt.to(tl.float32)
         acc = tl.dot(a_res, tl.trans(bt), input_precision=PRECISION)
@@ -49,33 +82,18 @@ def _similarity_tile(
                             other=0.0)
                 if UPCAST:
                     a = a.to(tl.float32)
-            bt = tl.load(b_rows + kk.to(tl.int64)[None, :] * sbc, mask=col_ok[:, None] & (kk < C)[None, :], other=0.0)
+            if MASKED:
+                chunk_ok = col_ok[:, None] & (kk < C)[None, :]
+            else:
+                chunk_ok = (kk < C)[None, :]
+            bt = tl.load(b_rows + kk.to(tl.int64)[None, :] * sbc, mask=chunk_ok, other=0.0)
             if UPCAST:
                 bt = bt.to(tl.float32)
             if IS_F64:
                 acc += tl.sum(a[:, None, :] * bt[None, :, :], axis=2)
             else:
                 acc = tl.dot(a, tl.trans(bt), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _candidate_tile(
-    a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, start, N, C, sac, sbp, sbc,
-    HAS_MASK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SINGLE_K: tl.constexpr, IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The candidate tile starting at ``start``: ``(cols, col_ok, acc, scaled, sb)`` with ``acc``
-    the products ``<xa_p, xb_q>``, ``sb`` the candidates' scales and ``scaled = acc * sb[q]`` (not yet
-    masked: see ``col_ok``)."""
-    cols = start + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    if HAS_MASK_B:
-        col_ok = col_ok & (tl.load(mb_ptr + base + cols, mask=col_ok, other=0) != 0)
-    acc = _similarity_tile(a_res, a_rows, row_in, b_base, cols, col_ok, C, sac, sbp, sbc,
-                           BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
-    sb = tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)
-    return cols, col_ok, acc, acc * sb[None, :], sb
+    return acc, col_ok
 
 
 @triton.jit
@@ -84,15 +102,76 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
+def _fold_tile(acc, col_ok, start, sb_ptr, base, best, best_idx, saw_nan, MASKED: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Merge one tile of products into the running ``(best, best_idx)`` of its rows.
+
+    ``s = acc * sb[q]``; the row max keeps NaN (flagged in ``saw_nan``, settled after the scan), the
+    lowest column at it is the tile's argmax, and a tile replaces the best only when strictly
+    greater, so earlier tiles (lower indices) keep ties. Non-candidates of a ``MASKED`` tile are
+    ``-inf``: never strictly greater than the initial ``-inf``, so a row without a finite or
+    ``+inf`` candidate keeps ``best == -inf`` (settled after the scan too).
+    """
+    cols = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        sb = tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)
+        s = tl.where(col_ok[None, :], acc * sb[None, :], float("-inf"))
+    else:
+        sb = tl.load(sb_ptr + base + cols)
+        s = acc * sb[None, :]
+    top = tl.reduce(s, 1, _max_keep_nan)
+    arg = tl.min(tl.where(s == top[:, None], cols[None, :], NO_HIT), 1)
+    saw_nan = saw_nan | (top != top).to(tl.int32)
+    better = top > best
+    return tl.where(better, top, best), tl.where(better, arg, best_idx), saw_nan
+
+
+@triton.jit
+def _scan(
+    a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, lo, hi, N, C, sac, sbp, sbc,
+    best, best_idx, saw_nan,
+    MASKED: tl.constexpr, PREFETCH: tl.constexpr, HAS_MASK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+    EVEN_K: tl.constexpr, IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The candidate tiles starting at ``lo, lo + BLOCK_N, ... < hi`` folded into the running best.
+
+    ``PREFETCH`` (the caller guarantees ``hi > lo``): tile ``t + 1``'s product is issued before tile
+    ``t``'s epilogue, which keeps two accumulators live and lets the MMA run under the epilogue.
+    """
+    if PREFETCH:
+        acc, col_ok = _similarity_tile(a_res, a_rows, row_in, b_base, lo, N, C, sac, sbp, sbc, mb_ptr, base,
+                                       MASKED, HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, EVEN_K, IS_F64,
+                                       UPCAST, PRECISION)
+        for start in range(lo + BLOCK_N, hi, BLOCK_N):
+            nxt, nxt_ok = _similarity_tile(a_res, a_rows, row_in, b_base, start, N, C, sac, sbp, sbc, mb_ptr, base,
+                                           MASKED, HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, EVEN_K, IS_F64,
+                                           UPCAST, PRECISION)
+            best, best_idx, saw_nan = _fold_tile(acc, col_ok, start - BLOCK_N, sb_ptr, base, best, best_idx,
+                                                 saw_nan, MASKED, BLOCK_N)
+            acc, col_ok = nxt, nxt_ok
+        last = lo + ((hi - lo - 1) // BLOCK_N) * BLOCK_N
+        best, best_idx, saw_nan = _fold_tile(acc, col_ok, last, sb_ptr, base, best, best_idx, saw_nan, MASKED,
+                                             BLOCK_N)
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            acc, col_ok = _similarity_tile(a_res, a_rows, row_in, b_base, start, N, C, sac, sbp, sbc, mb_ptr, base,
+                                           MASKED, HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, EVEN_K, IS_F64,
+                                           UPCAST, PRECISION)
+            best, best_idx, saw_nan = _fold_tile(acc, col_ok, start, sb_ptr, base, best, best_idx, saw_nan, MASKED,
+                                                 BLOCK_N)
+    return best, best_idx, saw_nan
+
+
+@triton.jit
 def _dense_match_fwd_kernel(
     xa_ptr, xb_ptr, sa_ptr, sb_ptr, ma_ptr, mb_ptr, values_ptr, indices_ptr,
-    part_val_ptr, part_idx_ptr,  # column partials of the symmetric pass (B, cdiv(N, BLOCK_M), N)
     N, C,
     sab, sap, sac, sbb, sbp, sbc,  # strides of xa and xb: batch, pixel, channel
     N_CLASS,  # shape class of N, only read by the autotuner's key
-    HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
-    IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Forward of  values[p] = max_q s(p, q),  s(p, q) = sa[p] * sb[q] * <xa_p, xb_q>,
     #             indices[p] = the lowest q attaining it.
@@ -105,19 +184,9 @@ def _dense_match_fwd_kernel(
     # sa[p] > 0 is a per-query constant, so the kernel maximises sb[q] * <xa_p, xb_q> over q and
     # multiplies by sa[p] once at the end: the same maximiser, one multiply fewer per pair.
     #
-    # One-way: per tile, a NaN-propagating row max, then the lowest column at it (two reductions).
-    # A row whose max came out NaN (a NaN similarity: torch.max returns it, at its first index) is
-    # rare, so it is settled after the scan by a second pass over the block's tiles that looks
-    # for the first NaN, run only when some row of the block needs it.
-    #
-    # SYMMETRIC also takes the direction b -> a from the same tiles: <xa_p, xb_q> is symmetric, so
-    # each tile's column maxima of sa[p] * <xa_p, xb_q> over its BLOCK_M rows (queries q of b,
-    # candidates p of a) are stored as partials, which _column_reduce_kernel combines across the
-    # row blocks in increasing order, then multiplies by sb[q]. The gradient of that direction is
-    # the same formula with a and b swapped.
-    #
     # Layout: x*_ptr (B, N, C) through their strides (pixel-major or channel-major alike),
     # s*_ptr / m*_ptr / values / indices (B, N) contiguous. Grid: (cdiv(N, BLOCK_M), B).
+    # PREFETCH needs at least one full tile of an unmasked b (N >= BLOCK_N), or a masked b.
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     base = batch * N  # int64: B * N * C may exceed 2**31
@@ -126,13 +195,9 @@ def _dense_match_fwd_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_rows = xa_ptr + batch * sab + rows.to(tl.int64)[:, None] * sap
     b_base = xb_ptr + batch * sbb
-    # Pixels of a that take part: as queries here, and as candidates of b's queries when SYMMETRIC.
     row_in = row_ok
     if HAS_MASK_A:
         row_in = row_in & (tl.load(ma_ptr + base + rows, mask=row_ok, other=0) != 0)
-    if SYMMETRIC:
-        sa_rows = tl.load(sa_ptr + base + rows, mask=row_in, other=0.0)
-        first_row = tl.min(tl.where(row_in, rows, NO_HIT), 0)  # a non-finite query of b takes it
 
     a_res = a_rows  # placeholder when the channels come in chunks
     if SINGLE_K:  # the whole C-vector of every query stays resident for the entire scan
@@ -146,136 +211,120 @@ def _dense_match_fwd_kernel(
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_M], -1, tl.int32)
     saw_nan = tl.zeros([BLOCK_M], tl.int32)
-    first_col = NO_HIT  # the lowest candidate: where a non-finite query (scale NaN) goes, as in torch.max
 
-    for start in range(0, N, BLOCK_N):
-        cols, col_ok, acc, scaled, sb = _candidate_tile(
-            a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, start, N, C, sac, sbp, sbc,
-            HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
-        s = tl.where(col_ok[None, :], scaled, float("-inf"))  # (BLOCK_M, BLOCK_N)
-        first_col = tl.minimum(first_col, tl.min(tl.where(col_ok, cols, NO_HIT), 0))
+    if HAS_MASK_B:  # every tile selects its candidates
+        best, best_idx, saw_nan = _scan(
+            a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, 0, N, N, C, sac, sbp, sbc,
+            best, best_idx, saw_nan, True, PREFETCH, HAS_MASK_B,
+            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, EVEN_K, IS_F64, UPCAST, PRECISION)
+    else:  # full tiles without any mask, then the ragged last one
+        full = (N // BLOCK_N) * BLOCK_N
+        best, best_idx, saw_nan = _scan(
+            a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, 0, full, N, C, sac, sbp, sbc,
+            best, best_idx, saw_nan, False, PREFETCH, HAS_MASK_B,
+            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, EVEN_K, IS_F64, UPCAST, PRECISION)
+        best, best_idx, saw_nan = _scan(
+            a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, full, N, N, C, sac, sbp, sbc,
+            best, best_idx, saw_nan, True, False, HAS_MASK_B,
+            BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, EVEN_K, IS_F64, UPCAST, PRECISION)
 
-        if SYMMETRIC:
-            # Row max and the lowest column attaining it (NaN wins, as in torch.max), merged into
-            # the running best: strictly greater wins, so earlier tiles (lower indices) keep ties.
-            top, arg, is_nan, first_ok = block_argmax(s, cols[None, :], col_ok[None, :], 1)
-            best, best_idx = fold_best(best, best_idx, top, arg, is_nan, first_ok)
-            # The same reduction down the columns: queries q of b, candidates p of a. Rows that
-            # are no candidate are -inf, whatever acc holds (a NaN query times a masked zero row is
-            # NaN); a non-finite query of b (scale NaN) takes the block's first candidate, NaN.
-            t = tl.where(row_in[:, None], acc * sa_rows[:, None], float("-inf"))
-            col_max, col_arg, _, _ = block_argmax(t, rows[:, None], row_in[:, None], 0)  # NO_HIT: no row
-            col_bad = (sb != sb) & (first_row < NO_HIT)
-            col_max = tl.where(col_bad, float("nan"), col_max)
-            col_arg = tl.where(col_bad, first_row, col_arg)
-            part = (batch * tl.num_programs(0) + pid_m) * N + cols
-            tl.store(part_val_ptr + part, col_max, mask=cols < N)
-            tl.store(part_idx_ptr + part, col_arg, mask=cols < N)
-        else:
-            top = tl.reduce(s, 1, _max_keep_nan)  # NaN if the row holds one
-            arg = tl.min(tl.where((s == top[:, None]) & col_ok[None, :], cols[None, :], NO_HIT), 1)
-            saw_nan = saw_nan | (top != top).to(tl.int32)
-            # Strictly greater wins, so earlier tiles (lower indices) keep ties; a query without a
-            # best yet takes a tile's best real candidate even at -inf.
-            better = (top > best) | ((best_idx < 0) & (arg < NO_HIT))
-            best = tl.where(better, top, best)
-            best_idx = tl.where(better, arg, best_idx)
-
-    if not SYMMETRIC:
-        if tl.max(saw_nan, 0) > 0:  # the first NaN of each row that holds one: torch.max's answer
-            first_nan = tl.full([BLOCK_M], NO_HIT, tl.int32)
-            for start in range(0, N, BLOCK_N):
-                cols, col_ok, _, s, _ = _candidate_tile(
-                    a_res, a_rows, row_in, b_base, sb_ptr, mb_ptr, base, start, N, C, sac, sbp, sbc,
-                    HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, IS_F64, UPCAST, PRECISION)
-                first_nan = tl.minimum(first_nan, tl.min(tl.where((s != s) & col_ok[None, :], cols[None, :], NO_HIT), 1))
-            has_nan = (saw_nan != 0) & (first_nan < NO_HIT)
-            best = tl.where(has_nan, float("nan"), best)
-            best_idx = tl.where(has_nan, first_nan, best_idx)
-
+    # The rare rows are left to _dense_settle_kernel, marked in indices: a NaN maximum (NEEDS_NAN),
+    # and, with a masked b, a row without a candidate above -inf or a non-finite query (scale NaN),
+    # which take their first candidate (NEEDS_FIRST); without a mask that is candidate 0.
     sa = tl.load(sa_ptr + base + rows, mask=row_ok, other=0.0)
-    best_idx = tl.where((sa != sa) & (first_col < NO_HIT), first_col, best_idx)
-    valid = row_in & (best_idx >= 0)
-    tl.store(values_ptr + base + rows, tl.where(valid, tl.where(valid, best, 0.0) * sa, 0.0), mask=row_ok)
-    tl.store(indices_ptr + base + rows, tl.where(valid, best_idx, -1).to(tl.int64), mask=row_ok)
+    to_first = (sa != sa) | ((best == float("-inf")) & (saw_nan == 0))
+    if HAS_MASK_B:
+        best_idx = tl.where(to_first, NEEDS_FIRST, tl.where(saw_nan != 0, NEEDS_NAN, best_idx))
+    else:
+        best_idx = tl.where(to_first, 0, tl.where(saw_nan != 0, NEEDS_NAN, best_idx))
+    best = tl.where(saw_nan != 0, float("nan"), best)
+    best_idx = tl.where(row_in, best_idx, -1)
+    tl.store(values_ptr + base + rows, tl.where(row_in, tl.where(row_in, best, 0.0) * sa, 0.0), mask=row_ok)
+    tl.store(indices_ptr + base + rows, best_idx.to(tl.int64), mask=row_ok)
 
 
 @triton.jit
-def _column_reduce_kernel(
-    part_val_ptr, part_idx_ptr, sb_ptr, mb_ptr, values_ptr, indices_ptr,
-    N, NUM_BLOCKS,
-    HAS_MASK_B: tl.constexpr, BLOCK: tl.constexpr, IS_F64: tl.constexpr,
+def _dense_settle_kernel(
+    xa_ptr, xb_ptr, sb_ptr, mb_ptr, values_ptr, indices_ptr,
+    N, C, sab, sap, sac, sbb, sbp, sbc,
+    HAS_MASK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+    EVEN_K: tl.constexpr, IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # values_ba[q] = sb[q] * max over row blocks of the partial max_p sa[p] <xa_p, xb_q>, and its
-    # lowest p: blocks are read in increasing row order and a later one wins only when strictly
-    # greater (NaN beats any number, the first NaN stays). No gradient flows here: the indices
-    # are saved and the backward op differentiates values_ba like any one-way match.
-    # Grid: (cdiv(N, BLOCK), B).
+    # The rows the scan marked, given torch.max's answers; a program whose rows hold no mark reads
+    # its indices and stops. NEEDS_NAN: the first candidate whose similarity is NaN (the products of
+    # the scan's own tile code). NEEDS_FIRST: the first candidate of b (its value, -inf or NaN, is
+    # already stored), or none: value 0, index -1. Grid: (cdiv(N, BLOCK_M), B).
+    pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < N
-    if IS_F64:
-        best = tl.full([BLOCK], float("-inf"), tl.float64)
-    else:
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = tl.full([BLOCK], -1, tl.int32)
-    for m in range(0, NUM_BLOCKS):
-        part = (batch * NUM_BLOCKS + m) * N + cols
-        v = tl.load(part_val_ptr + part, mask=col_ok, other=float("-inf"))
-        i = tl.load(part_idx_ptr + part, mask=col_ok, other=NO_HIT)
-        has = i != NO_HIT
-        better = (v > best) | ((v != v) & (best == best)) | (best_idx < 0)
-        better = better & has
-        best = tl.where(better, v, best)
-        best_idx = tl.where(better, i, best_idx)
-    valid = col_ok & (best_idx >= 0)
+    base = batch * N
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    idx = tl.load(indices_ptr + base + rows, mask=row_ok, other=-1)
+    needs_nan = idx == NEEDS_NAN
+    needs_first = idx == NEEDS_FIRST
+    if tl.max(needs_nan.to(tl.int32), 0) > 0:
+        ks = tl.arange(0, BLOCK_K)
+        a_rows = xa_ptr + batch * sab + rows.to(tl.int64)[:, None] * sap
+        a_res = a_rows
+        if SINGLE_K:
+            a_res = tl.load(a_rows + ks.to(tl.int64)[None, :] * sac, mask=needs_nan[:, None] & (ks < C)[None, :],
+                            other=0.0)
+            if UPCAST:
+                a_res = a_res.to(tl.float32)
+        first_nan = tl.full([BLOCK_M], NO_HIT, tl.int32)
+        for start in range(0, N, BLOCK_N):
+            acc, col_ok = _similarity_tile(a_res, a_rows, needs_nan, xb_ptr + batch * sbb, start, N, C, sac, sbp, sbc,
+                                           mb_ptr, base, True, HAS_MASK_B, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K,
+                                           EVEN_K, IS_F64, UPCAST, PRECISION)
+            cols = start + tl.arange(0, BLOCK_N)
+            s = acc * tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)[None, :]
+            first_nan = tl.minimum(first_nan, tl.min(tl.where((s != s) & col_ok[None, :], cols[None, :], NO_HIT), 1))
+        tl.store(indices_ptr + base + rows, first_nan.to(tl.int64), mask=needs_nan)
     if HAS_MASK_B:
-        valid = valid & (tl.load(mb_ptr + batch * N + cols, mask=col_ok, other=0) != 0)
-    sb = tl.load(sb_ptr + batch * N + cols, mask=col_ok, other=0.0)
-    value = tl.where(valid, tl.where(valid, best, 0.0) * sb, 0.0)
-    tl.store(values_ptr + batch * N + cols, value, mask=col_ok)
-    tl.store(indices_ptr + batch * N + cols, tl.where(valid, best_idx, -1).to(tl.int64), mask=col_ok)
+        if tl.max(needs_first.to(tl.int32), 0) > 0:
+            first_col = NO_HIT
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                ok = (cols < N) & (tl.load(mb_ptr + base + cols, mask=cols < N, other=0) != 0)
+                first_col = tl.minimum(first_col, tl.min(tl.where(ok, cols, NO_HIT), 0))
+            none = first_col == NO_HIT
+            tl.store(indices_ptr + base + rows, tl.where(none, -1, first_col).to(tl.int64) + tl.zeros_like(idx),
+                     mask=needs_first)
+            if none:
+                tl.store(values_ptr + base + rows, tl.zeros([BLOCK_M], values_ptr.dtype.element_ty), mask=needs_first)
 
 
 INTERPRETED = is_interpreted(_dense_match_fwd_kernel)
 
-# Autotuned block sizes per shape class (N_CLASS, C, dtypes, flags). Configs that do not fit a GPU's
-# shared memory fail to compile and are skipped by the autotuner.
+# Autotuned block sizes per shape class (N_CLASS, C, dtypes, flags). Prefetching configs keep two
+# accumulators live: 128 x 64 tiles, so that both fit the register budget of two CTAs per SM; the
+# 8-warp 128 x 128 config is capped at 128 registers for the same reason. Configs that do not fit
+# a GPU's shared memory fail to compile and are skipped by the autotuner.
 _TUNE_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "PREFETCH": True}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "PREFETCH": True}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "PREFETCH": True}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "PREFETCH": False}, num_warps=8, num_stages=2, maxnreg=128),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "PREFETCH": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "PREFETCH": False}, num_warps=4, num_stages=3),
 ]
-_TUNED_KERNEL = None if INTERPRETED else triton.autotune(
-    configs=_TUNE_CONFIGS,
-    key=["N_CLASS", "C", "HAS_MASK_A", "HAS_MASK_B", "BLOCK_K", "IS_F64", "PRECISION"],
-)(_dense_match_fwd_kernel)
-
-
-def _symmetric_configs(block_m: int):
-    return [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-    ]
-
-
-# The symmetric pass fixes BLOCK_M, which sizes its partials: 128 rows for half features, 64 for
-# float32 (its tiles take twice the shared memory). The rest is autotuned as above.
-_TUNED_SYMMETRIC = None if INTERPRETED else {
-    block_m: triton.autotune(
-        configs=_symmetric_configs(block_m),
-        key=["N_CLASS", "C", "HAS_MASK_A", "HAS_MASK_B", "BLOCK_K", "IS_F64", "PRECISION"],
-    )(_dense_match_fwd_kernel)
-    for block_m in (64, 128)
-}
+# Float32 operands take twice the shared memory and, at float32 accuracy (three TF32 products per
+# tile), about three times the product registers: smaller tiles, and no second accumulator (every
+# prefetching float32 config spills at sm_90).
+_TUNE_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "PREFETCH": False}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "PREFETCH": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "PREFETCH": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "PREFETCH": False}, num_warps=8, num_stages=2),
+]
+_TUNE_KEY = ["N_CLASS", "C", "HAS_MASK_A", "HAS_MASK_B", "BLOCK_K", "IS_F64", "PRECISION"]
+_TUNED_KERNEL = None if INTERPRETED else triton.autotune(configs=_TUNE_CONFIGS, key=_TUNE_KEY)(_dense_match_fwd_kernel)
+_TUNED_KERNEL_FP32 = None if INTERPRETED else triton.autotune(
+    configs=_TUNE_CONFIGS_FP32, key=_TUNE_KEY)(_dense_match_fwd_kernel)
 
 #: Below this many pixels per map a fixed tile is used (no autotuning: small maps are launch-bound).
+#: At and above it every tuned tile (BLOCK_N <= 128) has a full tile to prefetch.
 AUTOTUNE_MIN_PIXELS = 4096
 
 
@@ -303,20 +352,11 @@ def fixed_blocks(N: int, is_f64: bool, interpreted: bool):
     return tile, tile
 
 
-def _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices, part_val, part_idx,
-                      flags, symmetric: bool):
-    """The dense kernel's positional arguments and compile-time constants, block sizes aside."""
-    _, N, C = xa.shape
-    BLOCK_K = block_k(C, flags["IS_F64"])
-    args = (
-        xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
-        values, indices, part_val, part_idx, N, C, *xa.stride(), *xb.stride(), shape_class(N),
-    )
-    constants = dict(
-        HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None, SYMMETRIC=symmetric,
-        BLOCK_K=BLOCK_K, SINGLE_K=C <= BLOCK_K, **flags,
-    )
-    return args, constants
+def prefetches(N: int, BLOCK_N: int, has_mask_b: bool, single_k: bool, is_f64: bool) -> bool:
+    """Whether the scan issues each tile's product ahead of the previous tile's epilogue: on the
+    tensor-core path (channels resident), when there is a tile to start with (a full one, or any
+    tile of a masked ``b``)."""
+    return single_k and not is_f64 and (has_mask_b or N >= BLOCK_N)
 
 
 def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
@@ -329,65 +369,47 @@ def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     """
     B, N, C = xa.shape
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
+    is_f64 = flags["IS_F64"]
     values = torch.empty((B, N), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, N), dtype=torch.int64, device=xa.device)
-    # The partials are not written on the one-way path: values and indices stand in for them.
-    args, constants = _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices,
-                                        values, indices, flags, symmetric=False)
-    if _TUNED_KERNEL is not None and not flags["IS_F64"] and N >= AUTOTUNE_MIN_PIXELS:
+    BLOCK_K = block_k(C, is_f64)
+    args = (
+        xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
+        values, indices, N, C, *xa.stride(), *xb.stride(), shape_class(N),
+    )
+    constants = dict(
+        HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None,
+        BLOCK_K=BLOCK_K, SINGLE_K=C <= BLOCK_K, EVEN_K=C == BLOCK_K, **flags,
+    )
+    if _TUNED_KERNEL is not None and not is_f64 and N >= AUTOTUNE_MIN_PIXELS:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B)  # noqa: E731
-        _TUNED_KERNEL[grid](*args, **constants)
+        tuned = _TUNED_KERNEL_FP32 if xa.dtype == torch.float32 else _TUNED_KERNEL
+        tuned[grid](*args, **constants)
     else:
-        BLOCK_M, BLOCK_N = fixed_blocks(N, flags["IS_F64"], INTERPRETED)
+        BLOCK_M, BLOCK_N = fixed_blocks(N, is_f64, INTERPRETED)
         grid = (triton.cdiv(N, BLOCK_M), B)
-        _dense_match_fwd_kernel[grid](*args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **constants)
+        _dense_match_fwd_kernel[grid](
+            *args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            PREFETCH=prefetches(N, BLOCK_N, mask_b is not None, C <= BLOCK_K, is_f64), **constants,
+        )
+    # The marked rows (rare: NaN maxima, masked rows without a finite candidate); a program
+    # without any reads B * N / (grid) indices and stops.
+    BLOCK_M, BLOCK_N = fixed_blocks(N, is_f64, INTERPRETED)
+    _dense_settle_kernel[(triton.cdiv(N, BLOCK_M), B)](
+        xa, xb, scale_b, mask_pointer(mask_b, values), values, indices, N, C, *xa.stride(), *xb.stride(),
+        HAS_MASK_B=mask_b is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        SINGLE_K=C <= BLOCK_K, EVEN_K=C == BLOCK_K, **flags,
+        num_stages=1,  # the rare path: no buffers for a pipeline
+    )
     return values, indices
 
 
-def symmetric_block_m(N: int, dtype: torch.dtype, interpreted: bool) -> int:
-    """Rows per program of the symmetric pass: they size its column partials (B, cdiv(N, BLOCK_M), N)."""
-    is_f64 = dtype == torch.float64
-    if interpreted or is_f64 or N < AUTOTUNE_MIN_PIXELS:
-        return fixed_blocks(N, is_f64, interpreted)[0]
-    return 64 if dtype == torch.float32 else 128
-
-
-def symmetric_partial_bytes(B: int, N: int, dtype: torch.dtype) -> int:
-    """Bytes of the column partials of the fused symmetric pass: a value and an int32 index per
-    row block and pixel."""
-    blocks = triton.cdiv(N, symmetric_block_m(N, dtype, INTERPRETED))
-    return B * blocks * N * ((8 if dtype == torch.float64 else 4) + 4)
-
-
 def dense_match_symmetric_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
-    """Both directions from one pass over the tiles: ``(values_ab, indices_ab, values_ba, indices_ba)``.
+    """Both directions: ``(values_ab, indices_ab, values_ba, indices_ba)``.
 
-    a -> b as :func:`dense_match_forward`; b -> a (queries in b, candidates in a, masks swapped)
-    from per-tile column maxima, reduced across the row blocks by ``_column_reduce_kernel``.
-    Extra memory: the partials, ``B * cdiv(N, BLOCK_M) * N`` values and indices.
+    a -> b as :func:`dense_match_forward`, b -> a the same scan with the roles (and masks) swapped,
+    on the rows and scales prepared once for both. No memory beyond the outputs.
     """
-    B, N, C = xa.shape
-    flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
-    values = torch.empty((B, N), dtype=scale_a.dtype, device=xa.device)
-    indices = torch.empty((B, N), dtype=torch.int64, device=xa.device)
-    values_ba = torch.empty_like(values)
-    indices_ba = torch.empty_like(indices)
-    BLOCK_M = symmetric_block_m(N, xa.dtype, INTERPRETED)
-    num_blocks = triton.cdiv(N, BLOCK_M)
-    part_val = torch.empty((B, num_blocks, N), dtype=scale_a.dtype, device=xa.device)
-    part_idx = torch.empty((B, num_blocks, N), dtype=torch.int32, device=xa.device)
-    args, constants = _launch_arguments(xa, xb, scale_a, scale_b, mask_a, mask_b, values, indices,
-                                        part_val, part_idx, flags, symmetric=True)
-    grid = (num_blocks, B)
-    if _TUNED_SYMMETRIC is not None and BLOCK_M in _TUNED_SYMMETRIC and N >= AUTOTUNE_MIN_PIXELS:
-        _TUNED_SYMMETRIC[BLOCK_M][grid](*args, **constants)
-    else:
-        BLOCK_N = fixed_blocks(N, flags["IS_F64"], INTERPRETED)[1]
-        _dense_match_fwd_kernel[grid](*args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **constants)
-    REDUCE = 64 if INTERPRETED else 256
-    _column_reduce_kernel[(triton.cdiv(N, REDUCE), B)](
-        part_val, part_idx, scale_b, mask_pointer(mask_b, values), values_ba, indices_ba,
-        N, num_blocks,
-        HAS_MASK_B=mask_b is not None, BLOCK=REDUCE, IS_F64=flags["IS_F64"],
-    )
-    return values, indices, values_ba, indices_ba
+    values_ab, indices_ab = dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b)
+    values_ba, indices_ba = dense_match_forward(xb, xa, scale_b, scale_a, mask_b, mask_a)
+    return values_ab, indices_ab, values_ba, indices_ba

@@ -23,7 +23,6 @@ from .prepare import forward_rows
 
 #: Whether the kernels run in Triton's interpreter (CPU tensors) rather than compiled for a GPU.
 INTERPRETED = _dense.INTERPRETED
-symmetric_partial_bytes = _dense.symmetric_partial_bytes
 
 
 def _rows_and_scales(feat: torch.Tensor, normalize: bool):
@@ -53,7 +52,7 @@ def match(feat_a, feat_b, mask_a: Optional[torch.Tensor], mask_b: Optional[torch
 
 
 def match_symmetric(feat_a, feat_b, mask_a, mask_b, window: List[int], mode: int, normalize: bool):
-    """Dense matching a -> b and b -> a from one pass over the similarity tiles."""
+    """Dense matching a -> b and b -> a: each map prepared once, then the two scans."""
     check_forward(feat_a, feat_b, mask_a, mask_b, window, mode)
     if window:
         raise ValueError(f"salign_kernels (triton): match_symmetric fuses dense matching only; got window {window}")
