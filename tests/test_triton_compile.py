@@ -39,6 +39,6 @@ def test_every_kernel_configuration_compiles_for_sm90():
     details = "\n".join(f"{r['kernel']} {r['constexprs']} {r['options']}: {r['error'][-500:]}" for r in failed)
     assert result.returncode == 0 and not failed, details or result.stderr[-3000:]
     kernels = {r["kernel"] for r in records[:-1]}
-    assert {"_dense_match_fwd_kernel", "_column_reduce_kernel", "_window_match_fwd_kernel",
+    assert {"_dense_match_fwd_kernel", "_dense_settle_kernel", "_window_match_fwd_kernel",
             "_match_bwd_gather_kernel", "_match_bwd_scatter_sorted_kernel", "_match_bwd_finish_kernel",
             "_prepare_kernel"} <= kernels
