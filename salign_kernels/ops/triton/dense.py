@@ -97,6 +97,17 @@ def _similarity_tile(
 
 
 @triton.jit
+def _resident_queries(a_rows, rows_in, C, sac, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """The whole C-vector of every query of the block, zeros for the rows not in ``rows_in``: it
+    stays resident for the entire scan (``SINGLE_K``)."""
+    ks = tl.arange(0, BLOCK_K)
+    a = tl.load(a_rows + ks.to(tl.int64)[None, :] * sac, mask=rows_in[:, None] & (ks < C)[None, :], other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+    return a
+
+
+@triton.jit
 def _max_keep_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
@@ -192,7 +203,6 @@ def _dense_match_fwd_kernel(
     base = batch * N  # int64: B * N * C may exceed 2**31
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    ks = tl.arange(0, BLOCK_K)
     a_rows = xa_ptr + batch * sab + rows.to(tl.int64)[:, None] * sap
     b_base = xb_ptr + batch * sbb
     row_in = row_ok
@@ -200,10 +210,8 @@ def _dense_match_fwd_kernel(
         row_in = row_in & (tl.load(ma_ptr + base + rows, mask=row_ok, other=0) != 0)
 
     a_res = a_rows  # placeholder when the channels come in chunks
-    if SINGLE_K:  # the whole C-vector of every query stays resident for the entire scan
-        a_res = tl.load(a_rows + ks.to(tl.int64)[None, :] * sac, mask=row_in[:, None] & (ks < C)[None, :], other=0.0)
-        if UPCAST:
-            a_res = a_res.to(tl.float32)
+    if SINGLE_K:
+        a_res = _resident_queries(a_rows, row_in, C, sac, BLOCK_K, UPCAST)
 
     if IS_F64:
         best = tl.full([BLOCK_M], float("-inf"), tl.float64)
@@ -264,14 +272,10 @@ def _dense_settle_kernel(
     needs_nan = idx == NEEDS_NAN
     needs_first = idx == NEEDS_FIRST
     if tl.max(needs_nan.to(tl.int32), 0) > 0:
-        ks = tl.arange(0, BLOCK_K)
         a_rows = xa_ptr + batch * sab + rows.to(tl.int64)[:, None] * sap
         a_res = a_rows
         if SINGLE_K:
-            a_res = tl.load(a_rows + ks.to(tl.int64)[None, :] * sac, mask=needs_nan[:, None] & (ks < C)[None, :],
-                            other=0.0)
-            if UPCAST:
-                a_res = a_res.to(tl.float32)
+            a_res = _resident_queries(a_rows, needs_nan, C, sac, BLOCK_K, UPCAST)
         first_nan = tl.full([BLOCK_M], NO_HIT, tl.int32)
         for start in range(0, N, BLOCK_N):
             acc, col_ok = _similarity_tile(a_res, a_rows, needs_nan, xb_ptr + batch * sbb, start, N, C, sac, sbp, sbc,
@@ -381,20 +385,19 @@ def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
         HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None,
         BLOCK_K=BLOCK_K, SINGLE_K=C <= BLOCK_K, EVEN_K=C == BLOCK_K, **flags,
     )
+    BLOCK_M, BLOCK_N = fixed_blocks(N, is_f64, INTERPRETED)  # the settle pass's, and small maps' scan
     if _TUNED_KERNEL is not None and not is_f64 and N >= AUTOTUNE_MIN_PIXELS:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B)  # noqa: E731
         tuned = _TUNED_KERNEL_FP32 if xa.dtype == torch.float32 else _TUNED_KERNEL
         tuned[grid](*args, **constants)
     else:
-        BLOCK_M, BLOCK_N = fixed_blocks(N, is_f64, INTERPRETED)
         grid = (triton.cdiv(N, BLOCK_M), B)
         _dense_match_fwd_kernel[grid](
             *args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             PREFETCH=prefetches(N, BLOCK_N, mask_b is not None, C <= BLOCK_K, is_f64), **constants,
         )
     # The marked rows (rare: NaN maxima, masked rows without a finite candidate); a program
-    # without any reads B * N / (grid) indices and stops.
-    BLOCK_M, BLOCK_N = fixed_blocks(N, is_f64, INTERPRETED)
+    # without any reads its indices and stops.
     _dense_settle_kernel[(triton.cdiv(N, BLOCK_M), B)](
         xa, xb, scale_b, mask_pointer(mask_b, values), values, indices, N, C, *xa.stride(), *xb.stride(),
         HAS_MASK_B=mask_b is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
