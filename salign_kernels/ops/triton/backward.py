@@ -21,11 +21,12 @@ no gradient.
 
 - The gather kernel (one program per ``BLOCK_P`` queries) writes ``grad_xa`` and, on the fast
   path, scatter-adds each query's ``g_p xa_hat_p`` to a float32 (float64) voxel-major accumulator
-  of ``G`` and ``g_p v_p`` to ``S``, with atomics: the order of the additions, so the last bits of
-  the result, may vary between runs.
+  of ``G`` and ``g_p v_p`` to ``S``, with relaxed atomics: the order of the additions, so the
+  last bits of the result, may vary between runs.
 - When ``torch.are_deterministic_algorithms_enabled()``, the gather kernel stores each query's
   ``g_p`` and ``g_p v_p`` instead, the queries are sorted by target (a stable sort: an inverse index
-  of contiguous segments), and one program per target q sums its segment in a fixed order.
+  of contiguous segments), and each target's segment is summed in a fixed order (16 targets side
+  by side per program).
 - The finish kernel turns ``G`` and ``S`` into ``grad_xb`` (normalisation term, dtype, strides).
 """
 
@@ -74,24 +75,31 @@ def _match_bwd_gather_kernel(
         v = tl.zeros([BLOCK_P], tl.float64)
     else:
         v = tl.zeros([BLOCK_P], tl.float32)
+    # xa's own rows load under the row bound alone (a mask constant along each row: 16-byte vector
+    # loads) and ra = 0 zeroes the invalid ones; xb's rows are gathered under the validity.
     if SINGLE_C:
-        both = valid[:, None] & (cs < C)[None, :]
-        a_res = tl.load(a_rows + cs.to(tl.int64)[None, :] * sac, mask=both, other=0.0).to(v.dtype) * ra[:, None]
-        b_res = tl.load(b_rows + cs.to(tl.int64)[None, :] * sbc, mask=both, other=0.0).to(v.dtype) * rb[:, None]
+        in_row = (cs < C)[None, :]
+        a_res = tl.load(a_rows + cs.to(tl.int64)[None, :] * sac, mask=row_ok[:, None] & in_row, other=0.0)
+        a_res = tl.where(valid[:, None], a_res.to(v.dtype) * ra[:, None], 0.0)
+        b_res = tl.load(b_rows + cs.to(tl.int64)[None, :] * sbc, mask=valid[:, None] & in_row, other=0.0)
+        b_res = b_res.to(v.dtype) * rb[:, None]
         v = tl.sum(a_res * b_res, axis=1)
     else:
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cs
-            both = valid[:, None] & (cc < C)[None, :]
-            a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=both, other=0.0).to(v.dtype) * ra[:, None]
-            b = tl.load(b_rows + cc.to(tl.int64)[None, :] * sbc, mask=both, other=0.0).to(v.dtype) * rb[:, None]
-            v += tl.sum(a * b, axis=1)
+            in_row = (cc < C)[None, :]
+            a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=row_ok[:, None] & in_row, other=0.0)
+            a = tl.where(valid[:, None], a.to(v.dtype) * ra[:, None], 0.0)
+            b = tl.load(b_rows + cc.to(tl.int64)[None, :] * sbc, mask=valid[:, None] & in_row, other=0.0)
+            v += tl.sum(a * (b.to(v.dtype) * rb[:, None]), axis=1)
 
     coef = g * ra
     shift = pa * v
     coef_s = g * v
+    # Relaxed atomics: the sums are only read by the next kernel, so no ordering is needed here (the
+    # default acq_rel fences every atomic and invalidates L1).
     if ATOMIC:
-        tl.atomic_add(sumb_ptr + base + q, coef_s, mask=valid)
+        tl.atomic_add(sumb_ptr + base + q, coef_s, mask=valid, sem="relaxed")
     else:
         tl.store(coef_ptr + base + rows, g, mask=row_ok)
         tl.store(coef_s_ptr + base + rows, tl.where(valid, coef_s, 0.0), mask=row_ok)
@@ -102,51 +110,61 @@ def _match_bwd_gather_kernel(
         tl.store(ga_rows + cs.to(tl.int64)[None, :] * gac, grad.to(gxa_ptr.dtype.element_ty), mask=store_mask)
         if ATOMIC:
             both = valid[:, None] & (cs < C)[None, :]
-            tl.atomic_add(acc_rows + cs[None, :], g[:, None] * a_res, mask=both)
+            tl.atomic_add(acc_rows + cs[None, :], g[:, None] * a_res, mask=both, sem="relaxed")
     else:
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cs
-            both = valid[:, None] & (cc < C)[None, :]
-            a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=both, other=0.0).to(v.dtype) * ra[:, None]
+            in_row = (cc < C)[None, :]
+            both = valid[:, None] & in_row
+            a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=row_ok[:, None] & in_row, other=0.0)
+            a = tl.where(valid[:, None], a.to(v.dtype) * ra[:, None], 0.0)
             b = tl.load(b_rows + cc.to(tl.int64)[None, :] * sbc, mask=both, other=0.0).to(v.dtype) * rb[:, None]
-            store_mask = row_ok[:, None] & (cc < C)[None, :]
+            store_mask = row_ok[:, None] & in_row
             grad = tl.where(valid[:, None], coef[:, None] * (b - shift[:, None] * a), 0.0)
             tl.store(ga_rows + cc.to(tl.int64)[None, :] * gac, grad.to(gxa_ptr.dtype.element_ty), mask=store_mask)
             if ATOMIC:
-                tl.atomic_add(acc_rows + cc[None, :], g[:, None] * a, mask=both)
+                tl.atomic_add(acc_rows + cc[None, :], g[:, None] * a, mask=both, sem="relaxed")
 
 
 @triton.jit
 def _match_bwd_scatter_sorted_kernel(
     xa_ptr, ra_ptr, order_ptr, seg_ptr, coef_ptr, coef_s_ptr, accb_ptr, sumb_ptr,
-    N, C, sab, sap, sac,
-    BLOCK_C: tl.constexpr, IS_F64: tl.constexpr,
+    T, N, C, sab, sap, sac,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr,
 ):
     # The deterministic scatter of the gather kernel's sums:
     #   acc_b[t] = sum_{i in seg[t] .. seg[t+1]-1} g[order[i]] xa_hat[order[i]]
     #   sum_b[t] = sum_{same i} coef_s[order[i]]
-    # over flat voxel indices t = b * N + q; order lists the flat queries sorted (stably) by
-    # target, so each sum runs in increasing p. Grid: (B * N,).
-    t = tl.program_id(0).to(tl.int64)
-    start = tl.load(seg_ptr + t)
-    end = tl.load(seg_ptr + t + 1)
+    # over flat voxel indices t = b * N + q < T = B * N; order lists the flat queries sorted
+    # (stably) by target, so each sum runs in increasing p. One program sums BLOCK_T consecutive
+    # targets side by side: step j adds the j-th query of every segment that has one (an exact +0
+    # to those that have not), so each target sees the same additions in the same order as it would
+    # alone. Grid: (cdiv(T, BLOCK_T),).
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    start = tl.load(seg_ptr + t, mask=t_ok, other=0)
+    length = tl.load(seg_ptr + t + 1, mask=t_ok, other=0) - start
+    longest = tl.max(length, axis=0)
     cs = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cs
         if IS_F64:
-            acc = tl.zeros([BLOCK_C], tl.float64)
-            acc_s = tl.zeros([BLOCK_C], tl.float64)
+            acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float64)
+            acc_s = tl.zeros([BLOCK_T], tl.float64)
         else:
-            acc = tl.zeros([BLOCK_C], tl.float32)
-            acc_s = tl.zeros([BLOCK_C], tl.float32)
-        for i in range(start, end):
-            flat = tl.load(order_ptr + i)
-            x_row = xa_ptr + (flat // N) * sab + (flat % N) * sap
-            x = tl.load(x_row + cc.to(tl.int64) * sac, mask=cc < C, other=0.0).to(acc.dtype) * tl.load(ra_ptr + flat)
-            acc += tl.load(coef_ptr + flat) * x
-            acc_s += tl.load(coef_s_ptr + flat)  # the same scalar sum in every lane
-        tl.store(accb_ptr + t * C + cc, acc, mask=cc < C)
-        tl.store(sumb_ptr + t + cs * 0, acc_s, mask=cs == 0)
+            acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+            acc_s = tl.zeros([BLOCK_T], tl.float32)
+        for j in range(0, longest):
+            live = j < length
+            flat = tl.load(order_ptr + start + j, mask=live, other=0)
+            x_rows = xa_ptr + (flat // N) * sab + (flat % N) * sap
+            x = tl.load(x_rows[:, None] + cc.to(tl.int64)[None, :] * sac, mask=live[:, None] & (cc < C)[None, :],
+                        other=0.0)
+            x = x.to(acc.dtype) * tl.load(ra_ptr + flat, mask=live, other=0.0)[:, None]
+            acc += tl.load(coef_ptr + flat, mask=live, other=0.0)[:, None] * x
+            acc_s += tl.load(coef_s_ptr + flat, mask=live, other=0.0)
+        tl.store(accb_ptr + t[:, None] * C + cc[None, :], acc, mask=t_ok[:, None] & (cc < C)[None, :])
+        tl.store(sumb_ptr + t, acc_s, mask=t_ok)  # the same sums in every chunk
 
 
 @triton.jit
@@ -189,6 +207,20 @@ def block_c(C: int) -> int:
     return padded if padded <= 128 else 64
 
 
+#: Targets one program of the deterministic scatter sums side by side.
+SCATTER_TARGETS = 16
+
+
+def gather_rows(block_c: int, is_f64: bool) -> int:
+    """Queries per program of the gather and finish kernels: a register budget. Each program holds
+    its ``(BLOCK_P, BLOCK_C)`` tiles of xa and xb in the accumulation dtype across 128 threads;
+    4096 fp32 values per tile (32 queries at C = 128) keep sm_90's gather within 255 registers with
+    no spills (64 queries spilled), float64 half that."""
+    if INTERPRETED:
+        return 16
+    return max(16, min(32, (2048 if is_f64 else 4096) // block_c))
+
+
 def inverse_index(indices: torch.Tensor):
     """``(order, segments)``: the queries grouped by target, for the deterministic scatter.
 
@@ -229,7 +261,7 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool, grad_xa, grad_
         coef = torch.empty((B, N), dtype=acc_dtype, device=xa.device)
         coef_s = torch.empty((B, N), dtype=acc_dtype, device=xa.device)
     BLOCK_C = block_c(C)
-    BLOCK_P = 16 if INTERPRETED else max(16, min(64, (2048 if is_f64 else 8192) // BLOCK_C))
+    BLOCK_P = gather_rows(BLOCK_C, is_f64)
     _match_bwd_gather_kernel[(triton.cdiv(N, BLOCK_P), B)](
         grad_values, xa, xb_rows, r_a, proj_a, r_b, indices,
         grad_xa, acc_b, sum_b, coef, coef_s,
@@ -239,11 +271,11 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool, grad_xa, grad_
     )
     if not atomic:
         order, segments = inverse_index(indices)
-        _match_bwd_scatter_sorted_kernel[(B * N,)](
+        _match_bwd_scatter_sorted_kernel[(triton.cdiv(B * N, SCATTER_TARGETS),)](
             xa_rows, r_a, order, segments, coef, coef_s, acc_b, sum_b,
-            N, C, *xa_rows.stride(),
-            BLOCK_C=BLOCK_C, IS_F64=is_f64,
-            num_warps=1 if BLOCK_C <= 64 else 2,
+            B * N, N, C, *xa_rows.stride(),
+            BLOCK_T=SCATTER_TARGETS, BLOCK_C=BLOCK_C, IS_F64=is_f64,
+            num_warps=4,
         )
     _match_bwd_finish_kernel[(triton.cdiv(N, BLOCK_P), B)](
         acc_b, sum_b, xb, r_b, proj_b, grad_xb,
