@@ -28,11 +28,12 @@ import triton
 import triton.language as tl
 
 from ._argmax import NO_HIT
+from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
+from ._tiles import resident_queries, tile_product
 
 # Marks the scan leaves in indices for _dense_settle_kernel (valid indices are >= 0, -1 is "no match").
 NEEDS_NAN = tl.constexpr(-2)
 NEEDS_FIRST = tl.constexpr(-3)
-from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
 
 
 @triton.jit
@@ -53,58 +54,10 @@ def _similarity_tile(
     col_ok = cols < N
     if MASKED and HAS_MASK_B:
         col_ok = col_ok & (tl.load(mb_ptr + base + cols, mask=col_ok, other=0) != 0)
-    ks = tl.arange(0, BLOCK_K)
     b_rows = b_base + cols.to(tl.int64)[:, None] * sbp
-    if SINGLE_K and not IS_F64:
-        # No channel loop: the scan over candidate tiles is the innermost loop, which Triton
-        # software-pipelines (the next tiles' loads overlap this tile's product and epilogue).
-        ptrs = b_rows + ks.to(tl.int64)[None, :] * sbc
-        if MASKED:
-            bt = tl.load(ptrs, mask=col_ok[:, None] & (ks < C)[None, :], other=0.0)
-        elif EVEN_K:
-            bt = tl.load(ptrs)
-        else:
-            bt = tl.load(ptrs, mask=(ks < C)[None, :], other=0.0)
-        if UPCAST:
-            bt = bt.to(tl.float32)
-        acc = tl.dot(a_res, tl.trans(bt), input_precision=PRECISION)
-    else:
-        if IS_F64:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, C, BLOCK_K):
-            kk = k0 + ks
-            if SINGLE_K:
-                a = a_res
-            else:
-                a = tl.load(a_rows + kk.to(tl.int64)[None, :] * sac, mask=row_in[:, None] & (kk < C)[None, :],
-                            other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-            if MASKED:
-                chunk_ok = col_ok[:, None] & (kk < C)[None, :]
-            else:
-                chunk_ok = (kk < C)[None, :]
-            bt = tl.load(b_rows + kk.to(tl.int64)[None, :] * sbc, mask=chunk_ok, other=0.0)
-            if UPCAST:
-                bt = bt.to(tl.float32)
-            if IS_F64:
-                acc += tl.sum(a[:, None, :] * bt[None, :, :], axis=2)
-            else:
-                acc = tl.dot(a, tl.trans(bt), acc, input_precision=PRECISION)
+    acc = tile_product(a_res, a_rows, row_in, b_rows, col_ok, C, sac, sbc, MASKED, BLOCK_M, BLOCK_N, BLOCK_K,
+                       SINGLE_K, EVEN_K, IS_F64, UPCAST, PRECISION)
     return acc, col_ok
-
-
-@triton.jit
-def _resident_queries(a_rows, rows_in, C, sac, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """The whole C-vector of every query of the block, zeros for the rows not in ``rows_in``: it
-    stays resident for the entire scan (``SINGLE_K``)."""
-    ks = tl.arange(0, BLOCK_K)
-    a = tl.load(a_rows + ks.to(tl.int64)[None, :] * sac, mask=rows_in[:, None] & (ks < C)[None, :], other=0.0)
-    if UPCAST:
-        a = a.to(tl.float32)
-    return a
 
 
 @triton.jit
@@ -211,7 +164,7 @@ def _dense_match_fwd_kernel(
 
     a_res = a_rows  # placeholder when the channels come in chunks
     if SINGLE_K:
-        a_res = _resident_queries(a_rows, row_in, C, sac, BLOCK_K, UPCAST)
+        a_res = resident_queries(a_rows, row_in, C, sac, BLOCK_K, UPCAST)
 
     if IS_F64:
         best = tl.full([BLOCK_M], float("-inf"), tl.float64)
@@ -275,7 +228,7 @@ def _dense_settle_kernel(
         a_rows = xa_ptr + batch * sab + rows.to(tl.int64)[:, None] * sap
         a_res = a_rows
         if SINGLE_K:
-            a_res = _resident_queries(a_rows, needs_nan, C, sac, BLOCK_K, UPCAST)
+            a_res = resident_queries(a_rows, needs_nan, C, sac, BLOCK_K, UPCAST)
         first_nan = tl.full([BLOCK_M], NO_HIT, tl.int32)
         for start in range(0, N, BLOCK_N):
             acc, col_ok = _similarity_tile(a_res, a_rows, needs_nan, xb_ptr + batch * sbb, start, N, C, sac, sbp, sbc,
