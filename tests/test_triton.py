@@ -677,14 +677,59 @@ def test_cuda_memory_of_the_largest_case():
     assert differ.float().mean() < 0.05  # near-ties only
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 16])
-@pytest.mark.parametrize("window,mode", [(5, "sliding"), (7, "sliding"), (4, "partition")])
-def test_window_offsets_in_several_chunks(device, monkeypatch, chunk, window, mode):
-    """On a GPU the window kernel takes the k x k offsets a few at a time (the interpreter takes all
-    at once): force that here, so the running best across chunks is checked too."""
+@pytest.mark.parametrize("step", [(1, 4), (4, 16)])  # parts of a row per step; whole rows, as on a GPU
+@pytest.mark.parametrize("spatial,window,mode", [((11, 13), 5, "sliding"), ((11, 13), 4, "partition"),
+                                                  ((5, 6, 7), 3, "sliding"), ((5, 6, 7), (2, 3, 2), "partition")])
+@pytest.mark.parametrize("masked,normalize", [(False, True), (True, False)])
+def test_window_seams_exact(device, monkeypatch, step, spatial, window, mode, masked, normalize):
+    # The window scan against the reference exactly, 2D and 3D: entries in {-1, 1} over 4 channels
+    # (norm 2) make every product and every normalisation exact, so the many ties (within a step,
+    # across steps, across depths) are exact and their lowest index is checked, not approximated;
+    # NaN candidates (a NaN similarity wins at
+    # its first index), non-finite queries (their first candidate), with normalize=False a query
+    # whose every candidate is -inf, and with masks a sample without any candidate (-1).
     from salign_kernels.ops.triton import window as window_module
 
-    monkeypatch.setattr(window_module, "block_j", lambda *args, **kwargs: chunk)
+    rows, halo_w = step
+    monkeypatch.setattr(window_module, "box_chunk", lambda box_h, box_w, *args, **kwargs: (
+        (rows, halo_w) if rows == 1 or halo_w >= box_w else (1, halo_w)))
+    gen = torch.Generator().manual_seed(len(spatial) + masked)
+    a = torch.randint(0, 2, (3, 4, *spatial), generator=gen).float() * 2 - 1
+    b = torch.randint(0, 2, (3, 4, *spatial), generator=gen).float() * 2 - 1
+    last = tuple(n - 1 for n in spatial)
+    b[(0, 1, *last)] = float("nan")  # a NaN candidate in the last step of the boxes around it
+    b[(0, 2) + tuple(n // 2 for n in spatial)] = float("nan")
+    a[(1, slice(None)) + tuple(n // 2 for n in spatial)] = float("inf")  # non-finite queries
+    a[(2, 0) + (1,) * len(spatial)] = float("nan")
+    if not normalize:
+        a[(1, slice(None)) + (2,) * len(spatial)] = 1.0
+        b[1, 0] = float("-inf")  # query (2, 2[, 2]) of sample 1 against every candidate: -inf
+    mask_a = mask_b = None
+    if masked:
+        mask_a = torch.rand(3, *spatial, generator=gen) > 0.2
+        mask_b = torch.rand(3, *spatial, generator=gen) > 0.3
+        mask_b[2] = False  # no candidate at all: every query of sample 2 gets -1
+        mask_b[(0, *last)] = True
+    want = reference.window_match(a, b, window, mode, mask_a, mask_b, normalize)
+    moved = {k: None if m is None else m.to(device) for k, m in (("mask_a", mask_a), ("mask_b", mask_b))}
+    got = sk.window_match(a.to(device), b.to(device), window, mode=mode, normalize=normalize, backend="triton",
+                          **moved)
+    assert torch.equal(got[1].cpu(), want[1])
+    torch.testing.assert_close(got[0].cpu(), want[0], equal_nan=True, atol=1e-6, rtol=1e-6)
+    assert torch.isnan(want[0][0]).any()  # the NaN cases are exercised, not masked away
+
+
+@pytest.mark.parametrize("step", [(1, 2), (1, 4), (2, 16), (4, 32)])
+@pytest.mark.parametrize("window,mode", [(5, "sliding"), (7, "sliding"), (4, "partition")])
+def test_window_boxes_in_several_steps(device, monkeypatch, step, window, mode):
+    """On a GPU the window kernel walks its query tile's box 64 candidates at a time (the
+    interpreter takes more): force small steps here (``(ROWS, HALO_W)``: parts of a row, whole rows,
+    several rows), so the running best across steps is checked too."""
+    from salign_kernels.ops.triton import window as window_module
+
+    rows, halo_w = step
+    monkeypatch.setattr(window_module, "box_chunk", lambda box_h, box_w, *args, **kwargs: (
+        (rows, halo_w) if rows == 1 or halo_w >= box_w else (1, halo_w)))
     shape = (2, 6, 9, 11)
     a, b = (x.to(device) for x in make_features(shape, seed=21))
     mask_b = make_mask(shape, 0.7, 22).to(device)

@@ -1,11 +1,14 @@
 """Windowed matching on the GPU: sliding (centred neighbourhood) and partition (same tile), 2D and 3D.
 
-Kernel -> launcher. A window holds few candidates (49 for 7 x 7, 125 for 5 x 5 x 5), too few for a
-matrix product to pay off as written here: the op is bandwidth-bound. A program takes a 2-D tile of
-``TILE_H x TILE_W`` queries of one depth slice, keeps their C-vectors resident, and walks the
-window's offsets; the candidate rows it loads for one offset are the halo of the tile shifted by
-that offset, so neighbouring offsets hit the same cache lines and every feature is read from memory
-about once. A 2D map is a volume of depth 1 with window depth 1.
+Kernel -> launcher. A program takes a 2-D tile of ``TILE_H x TILE_W`` queries of one depth slice and
+keeps their C-vectors resident. Every candidate any of its queries can see lies in a box around the
+tile: the ``KD`` depth slices of the window, and ``BOX_H x BOX_W`` rows and columns (the tile plus
+the window's reach when sliding, the partitions the tile overlaps otherwise). The program walks the
+box ``ROWS x HALO_W`` candidates at a time, each step one ``tl.dot`` of the query tile against those
+candidates' rows (tensor cores: most of the box's products are outside any one query's window, but
+the tensor cores do them all faster than the CUDA cores would do the useful ones), and a compare on
+row and column offsets selects each query's window. Neighbouring tiles share most of their boxes,
+so every feature is read from memory about once. A 2D map is a volume of depth 1 with window depth 1.
 """
 
 from __future__ import annotations
@@ -17,16 +20,18 @@ import triton.language as tl
 from ..._matching import WINDOW_MODE_CODES
 from ._argmax import NO_HIT, block_argmax, fold_best
 from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
+from ._tiles import resident_queries, tile_product
 
 
 @triton.jit
 def _window_match_fwd_kernel(
     xa_ptr, xb_ptr, sa_ptr, sb_ptr, ma_ptr, mb_ptr, values_ptr, indices_ptr,
-    D, H, W, C, KD, KH, KW, TILES_W, TILES_HW,
+    D, H, W, C, KD, KH, KW, BOX_H, BOX_W, TILES_W, TILES_HW,
     sab, sap, sac, sbb, sbp, sbc,  # strides of xa and xb: batch, voxel, channel
     PARTITION: tl.constexpr, HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr, IS_F64: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, ROWS: tl.constexpr, HALO_W: tl.constexpr,
+    BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr, EVEN_C: tl.constexpr,
+    IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Forward of  values[p] = max_{q in Q(p)} sa[p] * sb[q] * <xa_p, xb_q>,  indices[p] = lowest such q,
     # Q(p) = the KD x KH x KW neighbourhood of p clipped to the map (sliding), or p's tile
@@ -36,10 +41,12 @@ def _window_match_fwd_kernel(
     #   d values[p] / d sa[p] = sb[q] d_p,         d values[p] / d sb[q] = sa[p] d_p;
     # exactly what autograd gives the windowed max of the reference.
     #
-    # The window offsets j = 0 .. KD*KH*KW - 1 are taken BLOCK_J at a time, in row-major order
-    # (depth, row, column), which is increasing candidate index q for every query: within a chunk
-    # the lowest q at the max wins, and a later chunk replaces the best only when strictly greater,
-    # so ties keep the lowest index. sa[p] > 0 multiplies once at the end (same maximiser).
+    # Q(p) starts at (front, top[p], left[p]) and spans KD x KH x KW; the tile's box starts where
+    # its first query's window does (the starts grow with h and w) and spans KD x BOX_H x BOX_W.
+    # The box is walked depth by depth, ROWS rows of HALO_W columns at a time, in row-major order:
+    # increasing candidate index q for every query. Within a step the lowest q at the max wins, and
+    # a later step replaces the best only when strictly greater, so ties keep the lowest index; a
+    # NaN similarity wins at its first index, as in torch.max. sa[p] > 0 multiplies once at the end.
     # Grid: (cdiv(H, TILE_H) * cdiv(W, TILE_W) * D, B).
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -48,23 +55,29 @@ def _window_match_fwd_kernel(
     HW = H * W
     N = D * HW
     base = batch * N
+    h0 = (tile // TILES_W) * TILE_H
+    w0 = (tile % TILES_W) * TILE_W
     q = tl.arange(0, TILE_H * TILE_W)
-    h = (tile // TILES_W) * TILE_H + q // TILE_W
-    w = (tile % TILES_W) * TILE_W + q % TILE_W
+    h = h0 + q // TILE_W
+    w = w0 + q % TILE_W
     row_ok = (h < H) & (w < W)
     p = d * HW + h * W + w
-    cs = tl.arange(0, BLOCK_C)
     a_rows = xa_ptr + batch * sab + p.to(tl.int64)[:, None] * sap  # (Q, 1)
+    a_res = a_rows  # placeholder when the channels come in chunks
     if SINGLE_C:
-        a_res = tl.load(a_rows + cs.to(tl.int64)[None, :] * sac, mask=row_ok[:, None] & (cs < C)[None, :], other=0.0)
+        a_res = resident_queries(a_rows, row_ok, C, sac, BLOCK_C, UPCAST)
     if PARTITION:
         front = (d // KD) * KD
         top = (h // KH) * KH
         left = (w // KW) * KW
+        box_top = (h0 // KH) * KH
+        box_left = (w0 // KW) * KW
     else:
         front = d - KD // 2
         top = h - KH // 2
         left = w - KW // 2
+        box_top = h0 - KH // 2
+        box_left = w0 - KW // 2
 
     if IS_F64:
         best = tl.full([TILE_H * TILE_W], float("-inf"), tl.float64)
@@ -73,43 +86,45 @@ def _window_match_fwd_kernel(
     best_idx = tl.full([TILE_H * TILE_W], -1, tl.int32)
     first = tl.full([TILE_H * TILE_W], NO_HIT, tl.int32)  # where a non-finite query (scale NaN) goes
 
-    K = KD * KH * KW
-    for j0 in range(0, K, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        cd = front + j // (KH * KW)  # (J,) candidate depth: the same for the whole tile
-        ch = top[:, None] + ((j // KW) % KH)[None, :]  # (Q, J) candidate rows and columns
-        cw = left[:, None] + (j % KW)[None, :]
-        ok = row_ok[:, None] & ((j < K) & (cd >= 0) & (cd < D))[None, :]
-        ok = ok & (ch >= 0) & (ch < H) & (cw >= 0) & (cw < W)
-        cq = cd[None, :] * HW + ch * W + cw
+    j = tl.arange(0, ROWS * HALO_W)
+    j_row = j // HALO_W
+    j_col = j % HALO_W
+    b_base = xb_ptr + batch * sbb
+    # One flat loop over the steps (depth, row block, column block): a single long loop that
+    # Triton can software-pipeline, the next steps' candidate rows loading under this one's work.
+    # The step's position (cd, r0, c0) advances by counters, not divisions.
+    plane_steps = ((BOX_H + ROWS - 1) // ROWS) * ((BOX_W + HALO_W - 1) // HALO_W)
+    cd = tl.maximum(front, 0)  # the window's depths in the map
+    r0 = 0
+    c0 = 0
+    for _ in range(0, (tl.minimum(front + KD, D) - cd) * plane_steps):
+        ch = box_top + r0 + j_row  # (J,) the candidates' rows and columns
+        cw = box_left + c0 + j_col
+        in_box = (r0 + j_row < BOX_H) & (c0 + j_col < BOX_W) & (ch >= 0) & (ch < H) & (cw >= 0) & (cw < W)
+        cq = cd * HW + ch * W + cw
         if HAS_MASK_B:
-            ok = ok & (tl.load(mb_ptr + base + cq, mask=ok, other=0) != 0)
-        cq = tl.where(ok, cq, 0)  # off-map offsets would give negative keys below
-        b_rows = xb_ptr + batch * sbb + cq.to(tl.int64)[:, :, None] * sbp  # (Q, J, 1)
-        if IS_F64:
-            acc = tl.zeros([TILE_H * TILE_W, BLOCK_J], tl.float64)
-        else:
-            acc = tl.zeros([TILE_H * TILE_W, BLOCK_J], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + cs
-            if SINGLE_C:
-                a = a_res
-            else:
-                a = tl.load(a_rows + cc.to(tl.int64)[None, :] * sac, mask=row_ok[:, None] & (cc < C)[None, :], other=0.0)
-            # Masked-out candidates load as zeros: no NaN of theirs can reach the max.
-            bv = tl.load(b_rows + cc.to(tl.int64)[None, None, :] * sbc, mask=ok[:, :, None] & (cc < C)[None, None, :],
-                         other=0.0)
-            if IS_F64:
-                acc += tl.sum(a.to(tl.float64)[:, None, :] * bv.to(tl.float64), axis=2)
-            else:
-                acc += tl.sum(a.to(tl.float32)[:, None, :] * bv.to(tl.float32), axis=2)
-        sb = tl.load(sb_ptr + base + cq, mask=ok, other=0.0)
-        s = tl.where(ok, acc * sb, float("-inf"))  # (Q, J)
-
-        # The lowest q at the chunk's max (the lowest NaN: NaN wins), merged into the running best.
-        chunk_max, chunk_arg, chunk_nan, first_ok = block_argmax(s, cq, ok, 1)
-        best, best_idx = fold_best(best, best_idx, chunk_max, chunk_arg, chunk_nan, first_ok)
+            in_box = in_box & (tl.load(mb_ptr + base + cq, mask=in_box, other=0) != 0)
+        cq = tl.where(in_box, cq, 0)  # off-map offsets would give negative keys below
+        acc = tile_product(a_res, a_rows, row_ok, b_base + cq.to(tl.int64)[:, None] * sbp, in_box, C,
+                           sac, sbc, True, TILE_H * TILE_W, ROWS * HALO_W, BLOCK_C, SINGLE_C, EVEN_C,
+                           IS_F64, UPCAST, PRECISION)
+        # Each query's window among the box's candidates (Q, J).
+        dh = ch[None, :] - top[:, None]
+        dw = cw[None, :] - left[:, None]
+        ok = in_box[None, :] & row_ok[:, None] & (dh >= 0) & (dh < KH) & (dw >= 0) & (dw < KW)
+        sb = tl.load(sb_ptr + base + cq, mask=in_box, other=0.0)
+        s = tl.where(ok, acc * sb[None, :], float("-inf"))
+        # The lowest q at the step's max (the lowest NaN: NaN wins), merged into the running best.
+        top_s, arg, is_nan, first_ok = block_argmax(s, cq[None, :], ok, 1)
+        best, best_idx = fold_best(best, best_idx, top_s, arg, is_nan, first_ok)
         first = tl.minimum(first, first_ok)
+        c0 += HALO_W
+        next_row = c0 >= BOX_W
+        c0 = tl.where(next_row, 0, c0)
+        r0 = tl.where(next_row, r0 + ROWS, r0)
+        next_depth = r0 >= BOX_H
+        r0 = tl.where(next_depth, 0, r0)
+        cd = tl.where(next_depth, cd + 1, cd)
 
     sa = tl.load(sa_ptr + base + p, mask=row_ok, other=0.0)
     best_idx = tl.where((sa != sa) & (first < NO_HIT), first, best_idx)
@@ -123,35 +138,61 @@ def _window_match_fwd_kernel(
 INTERPRETED = is_interpreted(_window_match_fwd_kernel)
 
 
-def query_tile(H: int, W: int, C: int, interpreted: bool, is_f64: bool = False):
-    """(TILE_H, TILE_W): a 2-D tile of about 64 queries (32 for wide C or float64), as square as
-    the map allows.
+def query_tile(H: int, W: int, interpreted: bool, is_f64: bool = False):
+    """(TILE_H, TILE_W): a 2-D tile of 64 queries (32 in float64 on a GPU, whose products are
+    in registers), as square as the map allows, and at least 16 (``tl.dot``'s smallest M).
 
     Wide and short maps (1 x N) get a 1 x 64 strip, tall and narrow ones a 64 x 1 column.
     """
-    target = 64 if interpreted or (C <= 64 and not is_f64) else 32
+    target = 32 if is_f64 and not interpreted else 64
     tile_w = min(next_power_of_2(W), 8 if H > 1 else target)
     tile_h = min(next_power_of_2(H), max(1, target // tile_w))
+    if tile_h * tile_w < 16:  # a small map: pad the tile with queries past its edge
+        tile_w = 16 // tile_h
     return tile_h, tile_w
 
 
-#: Elements of the (queries x offsets x channels) tile under the interpreter: few steps (numpy is
-#: fast per op, slow per op count), within Triton's limit of 2^20 elements per block.
+def box_size(tile: int, k: int, partition: bool) -> int:
+    """Rows (columns) of the box of a tile of ``tile`` rows (columns) and a window of ``k``: the
+    window's reach on both sides (sliding), or every partition the tile can overlap."""
+    if partition:
+        return (triton.cdiv(tile - 1, k) + 1) * k
+    return tile + k - 1
+
+
+#: Candidates per step of the box walk: on a GPU the N of a ``tl.dot`` whose (queries x candidates)
+#: float32 accumulator stays in registers beside the epilogue's temporaries; under the interpreter
+#: more (numpy is fast per op, slow per op count).
+STEP_CANDIDATES = 64
+INTERPRETER_STEP_CANDIDATES = 1024
+#: Elements of a float64 (queries x candidates x channels) product (no ``tl.dot``) per chunk.
+F64_TILE = 2048
 INTERPRETER_TILE = 2**18
 
 
-def block_j(window: int, queries: int, block_c: int, interpreted: bool, is_f64: bool = False) -> int:
-    """Window offsets per step (``window``: their number): under the interpreter as many as keep the
-    (queries x offsets x channels) tile within :data:`INTERPRETER_TILE`; on a GPU as many as keep it
-    at about 8K float32 (4K float64) elements, i.e. in registers."""
-    offsets = next_power_of_2(window)
-    budget = INTERPRETER_TILE if interpreted else (4096 if is_f64 else 8192)
-    return max(1, min(offsets, budget // (queries * block_c)))
+def box_chunk(box_h: int, box_w: int, queries: int, block_c: int, interpreted: bool, is_f64: bool = False):
+    """``(ROWS, HALO_W)``: a step of the box walk takes ``ROWS`` whole box rows of ``HALO_W >=
+    box_w`` columns (padded to a power of two), or, for a box wider than a step, ``HALO_W`` columns
+    of one row; at least 16 candidates (``tl.dot``'s smallest N)."""
+    limit = INTERPRETER_STEP_CANDIDATES if interpreted else STEP_CANDIDATES
+    if is_f64:
+        limit = max(1, (INTERPRETER_TILE if interpreted else F64_TILE) // (queries * block_c))
+    halo_w = min(limit, next_power_of_2(box_w))
+    rows = min(next_power_of_2(box_h), max(1, limit // halo_w))
+    if not is_f64:
+        halo_w = max(halo_w, 16 // rows)
+    return rows, halo_w
 
 
-def block_c(C: int) -> int:
-    """Channel chunk: all of C up to 128 (resident), else 64-wide chunks."""
-    padded = next_power_of_2(C)
+def block_c(C: int, dtype: torch.dtype, interpreted: bool) -> int:
+    """Channel chunk: all of C up to 128 (resident; at least 16, ``tl.dot``'s smallest K), else
+    64-wide chunks. On a GPU float32 takes 32-wide chunks (its three TF32 products per step need
+    three times the operand registers) and float64 8-wide ones (a broadcast product)."""
+    padded = max(16, next_power_of_2(C))
+    if not interpreted and dtype == torch.float64:
+        return min(next_power_of_2(C), 8)
+    if not interpreted and dtype == torch.float32:
+        return min(padded, 32)
     return padded if padded <= 128 else 64
 
 
@@ -165,23 +206,27 @@ def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, spatial, wind
     B, N, C = xa.shape
     D, H, W = (1, *spatial) if len(spatial) == 2 else spatial
     KD, KH, KW = (1, *window) if len(window) == 2 else window
+    partition = mode == WINDOW_MODE_CODES["partition"]
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     values = torch.empty((B, N), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, N), dtype=torch.int64, device=xa.device)
     is_f64 = flags["IS_F64"]
-    TILE_H, TILE_W = query_tile(H, W, C, INTERPRETED, is_f64)
-    BLOCK_C = block_c(C)
-    BLOCK_J = block_j(KD * KH * KW, TILE_H * TILE_W, BLOCK_C, INTERPRETED, is_f64)
+    TILE_H, TILE_W = query_tile(H, W, INTERPRETED, is_f64)
+    BLOCK_C = block_c(C, xa.dtype, INTERPRETED)
+    box_h, box_w = box_size(TILE_H, KH, partition), box_size(TILE_W, KW, partition)
+    ROWS, HALO_W = box_chunk(box_h, box_w, TILE_H * TILE_W, BLOCK_C, INTERPRETED, is_f64)
+    # Steps must come in increasing candidate index: several rows per step only when a step spans
+    # the box's width.
+    assert ROWS == 1 or HALO_W >= box_w, (ROWS, HALO_W, box_w)
     tiles_w = triton.cdiv(W, TILE_W)
     tiles_hw = triton.cdiv(H, TILE_H) * tiles_w
     grid = (tiles_hw * D, B)
     _window_match_fwd_kernel[grid](
         xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
-        values, indices, D, H, W, C, KD, KH, KW, tiles_w, tiles_hw, *xa.stride(), *xb.stride(),
-        PARTITION=mode == WINDOW_MODE_CODES["partition"],
-        HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None,
-        TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, SINGLE_C=C <= BLOCK_C,
-        IS_F64=flags["IS_F64"],
+        values, indices, D, H, W, C, KD, KH, KW, box_h, box_w, tiles_w, tiles_hw, *xa.stride(), *xb.stride(),
+        PARTITION=partition, HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None,
+        TILE_H=TILE_H, TILE_W=TILE_W, ROWS=ROWS, HALO_W=HALO_W,
+        BLOCK_C=BLOCK_C, SINGLE_C=C <= BLOCK_C, EVEN_C=C == BLOCK_C, **flags,
         num_warps=4,
     )
     return values, indices
