@@ -251,9 +251,9 @@ def match_backward(grad_values, xa, xb, indices, normalize: bool, grad_xa, grad_
     # the gather, xa's by the deterministic scatter (the gather reads xa's own rows in order).
     xa_rows, r_a, proj_a = backward_factors(xa, normalize, rows=not atomic)
     xb_rows, r_b, proj_b = backward_factors(xb, normalize, rows=True)
-    if atomic:
-        acc_b = torch.zeros((B, N, C), dtype=acc_dtype, device=xb.device)
-        sum_b = torch.zeros((B, N), dtype=acc_dtype, device=xb.device)
+    if atomic:  # both accumulators zeroed by one fill
+        sums = torch.zeros(B * N * (C + 1), dtype=acc_dtype, device=xb.device)
+        acc_b, sum_b = sums[: B * N * C].view(B, N, C), sums[B * N * C:].view(B, N)
         coef = coef_s = sum_b  # not read on this path
     else:
         acc_b = torch.empty((B, N, C), dtype=acc_dtype, device=xb.device)
