@@ -31,6 +31,7 @@ from benchmarks.providers import (
     chunked_dense_match,
     loss_function,
     make_inputs,
+    provider_context,
 )
 from salign_kernels import reference
 
@@ -51,15 +52,20 @@ CASES = {
     "dense": (
         GPU_DENSE_SHAPE, None, "sliding", False,
         [("triton", BF16), ("triton", FP32), ("reference", BF16), ("reference", FP32),
-         ("reference_chunked", FP32), ("triton_ieee", FP32), ("reference_compiled", BF16),
-         ("reference_compiled", FP32)],
+         ("reference_chunked", FP32), ("triton_ieee", FP32), ("triton_deterministic", BF16),
+         ("reference_compiled", BF16), ("reference_compiled", FP32), ("triton_graphs", BF16)],
         MODES, 5,
     ),
     "sliding7": (
         GPU_DENSE_SHAPE, 7, "sliding", False,
         [("triton", BF16), ("triton", FP32), ("reference", BF16), ("reference", FP32),
-         ("reference_compiled", FP32)],
+         ("reference_compiled", FP32), ("triton_graphs", BF16)],
         MODES, 5,
+    ),
+    "partition7": (
+        GPU_DENSE_SHAPE, 7, "partition", False,
+        [("triton", BF16), ("reference", BF16)],
+        ("forward", "full"), 5,
     ),
     "dense_large": (
         GPU_LARGE_SHAPE, None, "sliding", False,
@@ -82,7 +88,7 @@ CASES = {
         ("forward", "full"), 5,
     ),
 }
-SMOKE_SHAPES = {"dense": (1, 8, 6, 6), "sliding7": (1, 8, 9, 9), "dense_large": (1, 8, 8, 8),
+SMOKE_SHAPES = {"dense": (1, 8, 6, 6), "sliding7": (1, 8, 9, 9), "partition7": (1, 8, 9, 9), "dense_large": (1, 8, 8, 8),
                 "dense_symmetric": (1, 8, 6, 6), "dense_3d": (1, 8, 3, 4, 4), "sliding5_3d": (1, 8, 5, 5, 5)}
 
 
@@ -139,6 +145,11 @@ def _peak_memory_mib(run):
 
 @pytest.mark.parametrize("name,provider,dtype,mode", list(_params()))
 def bench_gpu(benchmark, name, provider, dtype, mode):
+    with provider_context(provider):
+        _bench(benchmark, name, provider, dtype, mode)
+
+
+def _bench(benchmark, name, provider, dtype, mode):
     case = _case(name, dtype)
     rounds = CASES[name][6]
     loss_fn = _loss(provider, name, dtype)

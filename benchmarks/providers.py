@@ -12,13 +12,19 @@ A provider turns ``(feat_a, feat_b)`` into the LA loss with one implementation:
   to the backend's fused symmetric pass;
 - ``triton_ieee``: ``triton`` with float32 features multiplied as true float32 products on the
   CUDA cores (``salign_kernels.set_float32_precision("ieee")``) instead of the default three TF32
-  tensor-core products: the opt-in whose speed the GPU check measures.
+  tensor-core products: the opt-in whose speed the GPU check measures;
+- ``triton_deterministic``: ``triton`` under ``torch.use_deterministic_algorithms(True)`` (the
+  sorted, fixed-order scatter of the backward); the caller enters :func:`provider_context` around
+  the forward and the backward;
+- ``triton_graphs``: ``torch.compile(..., mode="reduce-overhead")`` of the ``triton`` loss: the
+  step replayed as CUDA graphs, without the host's launch overhead.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -172,6 +178,12 @@ def loss_function(provider: str, case: Case, compile_backend: str = "inductor") 
         backend = provider[: -len("_two_pass")]
         return lambda a, b: (sk.local_alignment_loss(a, b, window=case.window, window_mode=case.mode, backend=backend)
                              + sk.local_alignment_loss(b, a, window=case.window, window_mode=case.mode, backend=backend)) / 2
+    if provider == "triton_deterministic":
+        return lambda a, b: sk.local_alignment_loss(a, b, backend="triton", **options)
+    if provider == "triton_graphs":
+        graphs = dict(mode="reduce-overhead") if compile_backend == "inductor" else {}
+        return torch.compile(lambda a, b: sk.local_alignment_loss(a, b, backend="triton", **options),
+                             backend=compile_backend, **graphs)
     if provider == "triton_ieee":
         def ieee(a, b):
             previous = sk.set_float32_precision("ieee")
@@ -182,6 +194,21 @@ def loss_function(provider: str, case: Case, compile_backend: str = "inductor") 
 
         return ieee
     return lambda a, b: sk.local_alignment_loss(a, b, backend=provider, **options)
+
+
+@contextlib.contextmanager
+def provider_context(provider: str):
+    """The global state a provider runs under, forward and backward: deterministic algorithms for
+    ``triton_deterministic``, nothing for the others."""
+    if provider != "triton_deterministic":
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def make_inputs(case: Case, device="cpu", seed=0, requires_grad=True):
