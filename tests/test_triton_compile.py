@@ -1,6 +1,14 @@
 """Every launch configuration of the Triton kernels compiles for a Hopper GPU (sm_90), checked here
 without one: the interpreter, which runs the other Triton tests on CPU, never runs the compiler.
-See tests/triton_aot.py."""
+Each compile is the one the JIT would build on the GPU (see tests/triton_aot.py), and its SASS is
+read (tests/sass_census.py) for what the kernels are meant to do: tensor cores in the scans, no
+spills, no memory fences in the backward.
+
+The compile runs once, in a subprocess, for the whole module (20-30 minutes on 2 vCPUs); each check
+below is its own test over all compiles and names every offending one. What the current kernels do
+not achieve yet is listed in KNOWN_GAPS: those tests are expected to fail, strictly, so closing a
+gap fails the suite until its entry is removed.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,11 @@ import pytest
 
 pytest.importorskip("triton")
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import sass_census  # noqa: E402
+
+#: The subprocess's limit; pytest's covers it and the checks (the suite's default 900 s does not).
+COMPILE_TIMEOUT_S = 2000
 
 
 def _nvidia_backend_available() -> bool:
@@ -24,21 +37,152 @@ def _nvidia_backend_available() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")  # the bundled ptxas is an x86-64 binary
 
 
-@pytest.mark.skipif(not _nvidia_backend_available(), reason="Triton's NVIDIA compiler is not usable here")
-@pytest.mark.timeout(1800)  # the compile's own limit below: on 2 busy vCPUs it can pass the suite's 900 s
-def test_every_kernel_configuration_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its notice
-    result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90"],
-        env=env, capture_output=True, text=True, timeout=1800,
-    )
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert records and records[-1].get("summary"), result.stderr[-3000:]
-    failed = [r for r in records[:-1] if not r["ok"] and not r.get("skipped_by_autotuner")]
+pytestmark = [
+    pytest.mark.skipif(not _nvidia_backend_available(), reason="Triton's NVIDIA compiler is not usable here"),
+    pytest.mark.timeout(COMPILE_TIMEOUT_S + 100),  # the first test pays for the compile
+]
+
+LAUNCHED_KERNELS = {"_dense_match_fwd_kernel", "_dense_settle_kernel", "_window_match_fwd_kernel",
+                    "_match_bwd_gather_kernel", "_match_bwd_scatter_sorted_kernel", "_match_bwd_finish_kernel",
+                    "_prepare_kernel"}
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    """(records, summary, returncode, stderr) of one run of triton_aot.py for sm_90.
+
+    ``SALIGN_COMPILE_RECORDS=build/triton_compile.jsonl`` rereads a previous run's output instead
+    (to revise the checks or KNOWN_GAPS without the 20-minute compile); it must match the code."""
+    saved = os.environ.get("SALIGN_COMPILE_RECORDS")
+    if saved:
+        with open(saved) as f:
+            stdout, returncode, stderr = f.read(), 0, ""
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its notice
+        result = subprocess.run(
+            [sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90"],
+            env=env, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
+        )
+        stdout, returncode, stderr = result.stdout, result.returncode, result.stderr
+        # The records stay for a reader (and for SALIGN_COMPILE_RECORDS).
+        out_dir = os.path.join(os.path.dirname(HERE), "build")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "triton_compile.jsonl"), "w") as f:
+            f.write(stdout)
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert lines and lines[-1].get("summary"), stderr[-3000:]
+    return lines[:-1], lines[-1], returncode, stderr
+
+
+def test_every_kernel_configuration_compiles_for_sm90(compiles):
+    records, summary, returncode, stderr = compiles
+    print("\n".join(summary["table"]))  # shown with -rP / -s, and on failure
+    failed = [r for r in records if not r["ok"] and not r.get("skipped_by_autotuner")]
     details = "\n".join(f"{r['kernel']} {r['constexprs']} {r['options']}: {r['error'][-500:]}" for r in failed)
-    assert result.returncode == 0 and not failed, details or result.stderr[-3000:]
-    kernels = {r["kernel"] for r in records[:-1]}
-    assert {"_dense_match_fwd_kernel", "_dense_settle_kernel", "_window_match_fwd_kernel",
-            "_match_bwd_gather_kernel", "_match_bwd_scatter_sorted_kernel", "_match_bwd_finish_kernel",
-            "_prepare_kernel"} <= kernels
+    assert returncode == 0 and not failed, details or stderr[-3000:]
+    assert LAUNCHED_KERNELS <= {r["kernel"] for r in records}
+
+
+# --- checks on the SASS census --------------------------------------------------------------
+
+def _tensor_core_operands(r) -> bool:
+    """Operands the tensor cores take on sm_90: half types, and float32 at a TF32 precision
+    (tf32, tf32x3). float64 and IEEE float32 have no wgmma."""
+    if r["dtype"] in ("bf16", "fp16"):
+        return True
+    return r["dtype"] == "fp32" and r["constexprs"].get("PRECISION") in ("tf32", "tf32x3")
+
+
+def _compiled(r) -> bool:
+    return "shared_bytes" in r
+
+
+#: name -> (which compiles it applies to, what each must satisfy, the offence as text).
+CHECKS = {
+    "shared_memory_every_config": (
+        lambda r: True,
+        lambda r: _compiled(r) and r["ok"],
+        lambda r: r.get("error", "")[-200:],
+    ),
+    "census_read": (
+        _compiled,
+        lambda r: "census" in r,
+        lambda r: r.get("census_error", ""),
+    ),
+    "dense_scan_wgmma": (
+        lambda r: r["kernel"] == "_dense_match_fwd_kernel" and _tensor_core_operands(r) and "census" in r,
+        lambda r: r["census"]["mma"] == "wgmma",
+        lambda r: f"MMA {r['census']['mma']}",
+    ),
+    "no_spills": (
+        lambda r: "census" in r,
+        lambda r: not sass_census.spilled(r["census"]),
+        lambda r: f"{r['census']['spill_instrs']} LDL/STL, stack {r['census']['stack']} B",
+    ),
+    "backward_no_gpu_fences": (
+        lambda r: r["kernel"].startswith("_match_bwd_") and "census" in r,
+        lambda r: r["census"]["gpu_fences"] == 0,
+        lambda r: f"{r['census']['fences']} around {r['census']['atomics']}",
+    ),
+    "window_tensor_cores": (
+        lambda r: r["kernel"] == "_window_match_fwd_kernel" and _tensor_core_operands(r) and "census" in r,
+        lambda r: r["census"]["mma"] != "none",
+        lambda r: f"MMA {r['census']['mma']}",
+    ),
+}
+
+#: What the current kernels do not achieve: (check, kernel, why). Each entry's test is a strict
+#: xfail: it fails when the gap closes, so that the entry is removed and the check guards it.
+KNOWN_GAPS = [
+    ("window_tensor_cores", "_window_match_fwd_kernel",
+     "the window scan is CUDA-core FFMA code (gathered candidates, lane-shuffle channel sums); a tl.dot "
+     "per query tile and halo strip is the planned rewrite"),
+    ("backward_no_gpu_fences", "_match_bwd_gather_kernel",
+     "tl.atomic_add defaults to sem='acq_rel': every ATOMG is bracketed by MEMBAR.ALL.GPU; relaxed "
+     "atomics (REDG) are enough for sums"),
+    ("no_spills", "_match_bwd_gather_kernel",
+     "BLOCK_P=64 rows of xa, xb and the gradient live at once: up to 255 registers and a stack in the "
+     "chunked-channel and float64 configs"),
+    # Measured with Triton 3.9 (not yet analysed kernel by kernel): 255 registers and a stack.
+    ("no_spills", "_dense_match_fwd_kernel",
+     "the chunked-channel path (C > 128, BLOCK_K 64) at every dtype, and the IEEE float32 configs "
+     "(float32 products in registers, up to 6 KiB of stack); the tensor-core configs do not spill"),
+    ("no_spills", "_dense_settle_kernel",
+     "the same tile code as the scan: chunked channels and IEEE float32 spill"),
+    ("no_spills", "_match_bwd_finish_kernel", "the chunked-channel config (P64 C64) at 255 registers"),
+    ("no_spills", "_prepare_kernel",
+     "the channel-major P256 C32 / P128 C64 tiles with normalisation at every dtype (up to 1.5 KiB of stack; "
+     "float64 2.2 KiB, and its voxel-major tiles too)"),
+    ("no_spills", "_window_match_fwd_kernel",
+     "every half and float32 window config (40-200 B of stack) and the float64 C64 ones (up to 736 B), at 255 registers"),
+]
+
+
+def _params():
+    gapped = {}
+    for check, kernel, why in KNOWN_GAPS:
+        gapped.setdefault(check, []).append(kernel)
+    for check in CHECKS:
+        yield pytest.param(check, None, tuple(gapped.get(check, ())), id=check)
+    for check, kernel, why in KNOWN_GAPS:
+        yield pytest.param(check, kernel, (), id=f"{check}-{kernel}",
+                           marks=pytest.mark.xfail(strict=True, reason=f"known gap: {why}"))
+
+
+@pytest.mark.parametrize("check, kernel, excluded", list(_params()))
+def test_census(compiles, check, kernel, excluded):
+    """One check over every compile it applies to (or, for a known gap, over one kernel's)."""
+    records = compiles[0]
+    applies, passes, offence = CHECKS[check]
+    selected = [r for r in records if applies(r) and (r["kernel"] == kernel if kernel else r["kernel"] not in excluded)]
+    if kernel and not selected:
+        return  # a gap of a kernel that no longer compiles is stale: passing makes the strict xfail fail
+    offenders = [r for r in selected if not passes(r)]
+    assert not offenders, f"{check}: {len(offenders)} of {len(selected)} compiles fail:\n" + "\n".join(
+        f"  {r['kernel']} {r['dtype']} {r['config']}: {offence(r)}" for r in offenders)
+
+
+def test_known_gaps_name_real_checks_and_kernels():
+    for check, kernel, why in KNOWN_GAPS:
+        assert check in CHECKS and kernel in LAUNCHED_KERNELS and why

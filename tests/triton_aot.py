@@ -1,14 +1,21 @@
 """Compile every Triton kernel launch of the package for an NVIDIA GPU, on a machine without one.
 
-    python tests/triton_aot.py [--arch 90]
+    python tests/triton_aot.py [--arch 90] [--only SUBSTRING]
 
 Triton's interpreter runs the kernels' Python but never their compiler, which rejects things the
 interpreter accepts (a global that is not ``tl.constexpr``, a ``tl.dot`` of mismatched dtypes, a
 tile that overflows shared memory). Here the launchers run on CPU tensors with each kernel replaced
 by a recorder, and every recorded launch (each autotuning configuration too) is compiled by
 Triton's own NVIDIA pipeline, down to a cubin for the chosen architecture: what the first call on a
-GPU would do. Prints one JSON object per distinct compile, then a summary line; exits 1 on any
-failure. Must run without ``TRITON_INTERPRET=1``.
+GPU would do. Signature, constexprs and specialisation attributes (``tt.divisibility=16`` on aligned
+pointers and on ints divisible by 16) come from Triton's own binder, as in ``JITFunction.run``, so
+the cubin is the JIT's (without the attributes loads are scalar, nothing is pipelined and shared
+memory is under-reported). Each cubin is then read by ``sass_census`` (tensor cores, spills,
+fences, hot loop, occupancy).
+
+Prints one JSON object per distinct compile (with its ``census``), then a summary line holding the
+per-compile table (also printed on stderr); exits 1 on any failure. ``--only`` compiles only the
+kernels whose name contains the substring. Must run without ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -22,18 +29,16 @@ import traceback
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sass_census  # noqa: E402  (beside this script, which runs as a file)
 
 #: Shared memory a block may use on Hopper (H100/H200: 227 KiB).
 MAX_SHARED_BYTES = {90: 232448}
 
-TRITON_TYPES = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-    torch.bool: "i1",
-}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -61,39 +66,78 @@ def install_recorders(modules, calls):
                 setattr(module, name, {k: Recorder(v, calls) for k, v in value.items()})
 
 
-def compiles_of(kernel, args, kwargs):
-    """(function, signature, constexprs, options) for one recorded launch; one per autotune config."""
+def config_launch(config):
+    """(constexpr kwargs, launch options) of one autotuning configuration, as the autotuner passes
+    them to the JIT: ``all_kwargs()`` where the installed Triton has it, else its fields (looked up
+    by name, not by version: ``maxnreg`` and ``num_ctas`` are not in every release)."""
+    if hasattr(config, "all_kwargs"):
+        merged = dict(config.all_kwargs())
+    else:
+        merged = dict(config.kwargs)
+        for name in LAUNCH_OPTIONS:
+            if getattr(config, name, None) is not None:
+                merged[name] = getattr(config, name)
+    merged.pop("ir_override", None)  # replaces the source itself; no config of the package sets it
+    options = {k: merged.pop(k) for k in LAUNCH_OPTIONS if k in merged}
+    return merged, options
+
+
+def compiles_of(kernel, args, kwargs, target):
+    """What the JIT compiles for one recorded launch, one per autotune configuration:
+    (function, signature, constexprs, attrs, options).
+
+    Triton's own binder types the arguments and specialises them, exactly as ``JITFunction.run``
+    does: an int equal to 1 becomes a constexpr, and pointers aligned to 16 bytes and ints divisible
+    by 16 get ``tt.divisibility=16``. Those attributes let the compiler vectorise loads and issue
+    cp.async; without them it compiles a different, slower kernel with less shared memory.
+    """
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     configs = kernel.configs if isinstance(kernel, Autotuner) else [None]
-    bound = dict(zip(fn.arg_names, args))
-    bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
-    base_options = {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
     for config in configs:
-        values = dict(bound)
-        options = dict(base_options)
+        launch_kwargs = dict(kwargs)
         if config is not None:
-            values.update(config.kwargs)
-            options.update(num_warps=config.num_warps, num_stages=config.num_stages)
-        signature, constexprs = {}, {}
-        for param, name in zip(fn.params, fn.arg_names):
-            value = values[name]
-            if param.is_constexpr:
-                signature[name] = "constexpr"
-                constexprs[name] = value
-            elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + TRITON_TYPES[value.dtype]
-            elif isinstance(value, bool):
-                signature[name] = "i1"
-            elif isinstance(value, int) and value == 1 and not param.do_not_specialize:
-                signature[name] = "constexpr"  # as the launcher does: an int equal to 1 is specialised
-                constexprs[name] = 1
-            elif isinstance(value, int):
-                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            elif isinstance(value, float):
-                signature[name] = "fp32"
-            else:
-                raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
-        yield fn, signature, constexprs, options
+            constants, options = config_launch(config)
+            launch_kwargs.update(constants)
+            launch_kwargs.update(options)
+        launch_kwargs.setdefault("debug", False)  # JITFunction.run's default off a debug build
+        bound_args, specialization, binder_options = binder(*args, **launch_kwargs)
+        opts, signature, constexprs, attrs = fn._pack_args(backend, launch_kwargs, bound_args, specialization,
+                                                           binder_options)
+        options = {k: getattr(opts, k) for k in LAUNCH_OPTIONS if getattr(opts, k, None) is not None}
+        yield fn, signature, constexprs, attrs, options
+
+
+def _named(fn, paths):
+    """``{argument name: value}`` of a Triton path-keyed dict (paths are tuples of argument indices)."""
+    names = list(fn.arg_names)
+    out = {}
+    for path, value in paths.items():
+        path = path if isinstance(path, tuple) else (path,)
+        out[".".join([names[path[0]]] + [str(i) for i in path[1:]])] = value
+    return out
+
+
+def label(fn, signature, constexprs, options):
+    """(dtype, config) for the summary table. dtype: the features' element type, i.e. the narrowest
+    float among the pointers (scales, values and gradients stay float32 beside half features).
+    config: block sizes, the flags that are on, the unit strides (the layout) and launch options."""
+    floats = {t[1:] for t in signature.values() if isinstance(t, str) and t.startswith("*")}
+    dtype = next((t for t in ("bf16", "fp16", "fp64", "fp32") if t in floats), "-")
+    parts = [f"{k.replace('BLOCK_', '')}{v}" for k, v in constexprs.items() if k.startswith("BLOCK_")]
+    flags = [k.lower().replace("has_", "") for k, v in constexprs.items() if v is True and k not in ("IS_F64",)]
+    if flags:
+        parts.append(",".join(flags))
+    unit = [k for k, v in constexprs.items() if v == 1 and not isinstance(v, bool) and not k.startswith("BLOCK_")]
+    if unit:
+        parts.append("1=" + ",".join(unit))
+    if dtype == "fp32" and "PRECISION" in constexprs:
+        parts.append(str(constexprs["PRECISION"]))
+    parts.append(f"w{options.get('num_warps')}s{options.get('num_stages')}")
+    if options.get("maxnreg"):
+        parts.append(f"r{options['maxnreg']}")
+    return dtype, " ".join(parts)
 
 
 def record_launches():
@@ -154,48 +198,71 @@ def record_launches():
     return calls
 
 
+def compile_one(fn, signature, constexprs, attrs, options, target, limit):
+    """Compile one launch and read its cubin: the JSON record of it."""
+    named = _named(fn, constexprs)
+    dtype, config = label(fn, signature, named, options)
+    record = dict(kernel=fn.__name__, dtype=dtype, config=config, signature=signature, constexprs=named,
+                  attrs={str(k): v for k, v in _named(fn, attrs).items()}, options=options)
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+    except Exception as exc:  # a compile error is the finding: report every one
+        record["ok"] = False
+        record["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
+        return record
+    record["shared_bytes"] = compiled.metadata.shared
+    record["ok"] = limit is None or compiled.metadata.shared <= limit
+    if not record["ok"]:
+        record["error"] = f"needs {compiled.metadata.shared} bytes of shared memory; {limit} fit"
+    try:  # the cubin in memory, disassembled: no second compile
+        record["census"] = sass_census.census_of_compiled(compiled)
+    except Exception as exc:  # a missing cuobjdump must not hide the compile results
+        record["census_error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-500:]
+    return record
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    parser.add_argument("--only", metavar="SUBSTRING", help="compile only the kernels whose name contains it")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
         return 2
     target = GPUTarget("cuda", args.arch, 32)
     limit = MAX_SHARED_BYTES.get(args.arch)
-    seen, failures, count = set(), 0, 0
+    seen, failures, count, records = {}, 0, 0, []  # seen: compile key -> whether it fitted
     for kernel, launch_args, kwargs in record_launches():
+        name = (kernel.fn if isinstance(kernel, Autotuner) else kernel).__name__
+        if args.only and args.only not in name:
+            continue
         # An autotuned launch needs one configuration that compiles and fits: the autotuner skips
         # the others (as out of resources). A plain launch must compile and fit as it is.
         autotuned = isinstance(kernel, Autotuner)
         usable = 0
         launch_records = []
-        for fn, signature, constexprs, options in compiles_of(kernel, launch_args, kwargs):
-            record = dict(kernel=fn.__name__, signature=signature, constexprs=constexprs, options=options,
-                          autotuned=autotuned)
-            key = json.dumps(record, sort_keys=True, default=str)
-            try:
-                compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
-                record["shared_bytes"] = compiled.metadata.shared
-                record["ok"] = limit is None or compiled.metadata.shared <= limit
-                if not record["ok"]:
-                    record["error"] = f"needs {compiled.metadata.shared} bytes of shared memory; {limit} fit"
-            except Exception as exc:  # a compile error is the finding: report every one
-                record["ok"] = False
-                record["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
+        for fn, signature, constexprs, attrs, options in compiles_of(kernel, launch_args, kwargs, target):
+            key = json.dumps([fn.__name__, signature, _named(fn, constexprs), {str(k): v for k, v in attrs.items()},
+                              options, autotuned], sort_keys=True, default=str)
+            if key in seen:  # the same compile from another launch: reported (and counted) there
+                usable += seen[key]
+                continue
+            record = compile_one(fn, signature, constexprs, attrs, options, target, limit)
+            record["autotuned"] = autotuned
+            seen[key] = record["ok"]
             usable += record["ok"]
-            if key not in seen:
-                seen.add(key)
-                count += 1
-                launch_records.append(record)
+            count += 1
+            launch_records.append(record)
         for record in launch_records:
             if autotuned and not record["ok"] and usable:
                 record["skipped_by_autotuner"] = True
             elif not record["ok"]:
                 failures += 1
+            records.append(record)
             print(json.dumps(record, default=str), flush=True)
+    print(sass_census.table(records), file=sys.stderr)
     print(json.dumps({"summary": True, "compiled": count, "failed": failures, "arch": args.arch,
-                      "triton": triton.__version__}))
+                      "triton": triton.__version__, "table": sass_census.table(records).splitlines()}))
     return 1 if failures else 0
 
 
