@@ -135,27 +135,9 @@ CHECKS = {
 #: What the current kernels do not achieve: (check, kernel, why). Each entry's test is a strict
 #: xfail: it fails when the gap closes, so that the entry is removed and the check guards it.
 KNOWN_GAPS = [
-    ("window_tensor_cores", "_window_match_fwd_kernel",
-     "the window scan is CUDA-core FFMA code (gathered candidates, lane-shuffle channel sums); a tl.dot "
-     "per query tile and halo strip is the planned rewrite"),
-    ("backward_no_gpu_fences", "_match_bwd_gather_kernel",
-     "tl.atomic_add defaults to sem='acq_rel': every ATOMG is bracketed by MEMBAR.ALL.GPU; relaxed "
-     "atomics (REDG) are enough for sums"),
-    ("no_spills", "_match_bwd_gather_kernel",
-     "BLOCK_P=64 rows of xa, xb and the gradient live at once: up to 255 registers and a stack in the "
-     "chunked-channel and float64 configs"),
-    # Measured with Triton 3.9 (not yet analysed kernel by kernel): 255 registers and a stack.
     ("no_spills", "_dense_match_fwd_kernel",
-     "the chunked-channel path (C > 128, BLOCK_K 64) at every dtype, and the IEEE float32 configs "
-     "(float32 products in registers, up to 6 KiB of stack); the tensor-core configs do not spill"),
-    ("no_spills", "_dense_settle_kernel",
-     "the same tile code as the scan: chunked channels and IEEE float32 spill"),
-    ("no_spills", "_match_bwd_finish_kernel", "the chunked-channel config (P64 C64) at 255 registers"),
-    ("no_spills", "_prepare_kernel",
-     "the channel-major P256 C32 / P128 C64 tiles with normalisation at every dtype (up to 1.5 KiB of stack; "
-     "float64 2.2 KiB, and its voxel-major tiles too)"),
-    ("no_spills", "_window_match_fwd_kernel",
-     "every half and float32 window config (40-200 B of stack) and the float64 C64 ones (up to 736 B), at 255 registers"),
+     "one opt-in IEEE float32 autotune config (M128 N32 K32, masked, 8 warps): 5 LDL/STL, 8 B of stack at "
+     "128 registers (ptxas keeps a few scalars on the stack; the other IEEE configs do not spill)"),
 ]
 
 

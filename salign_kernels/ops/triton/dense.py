@@ -291,11 +291,12 @@ def shape_class(n: int) -> int:
 
 
 def block_k(C: int, is_f64: bool) -> int:
-    """Width of the channel chunk: all of C (>= 16 for ``tl.dot``) up to 128, else 64-wide chunks."""
+    """Width of the channel chunk: all of C (>= 16 for ``tl.dot``) up to 128, else 32-wide chunks
+    (the queries' chunk is reloaded beside the candidates', in registers: 64 spilled at sm_90)."""
     if is_f64:
         return min(next_power_of_2(C), 16)
     padded = max(16, next_power_of_2(C))
-    return padded if padded <= 128 else 64
+    return padded if padded <= 128 else 32
 
 
 def fixed_blocks(N: int, is_f64: bool, interpreted: bool):
@@ -330,6 +331,10 @@ def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     values = torch.empty((B, N), dtype=scale_a.dtype, device=xa.device)
     indices = torch.empty((B, N), dtype=torch.int64, device=xa.device)
     BLOCK_K = block_k(C, is_f64)
+    if flags["PRECISION"] == "ieee" and xa.dtype == torch.float32 and not INTERPRETED:
+        # True float32 products run on the CUDA cores with both operand tiles in registers: the
+        # channels in 32-wide chunks, or every tile spills at sm_90.
+        BLOCK_K = min(BLOCK_K, 32)
     args = (
         xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
         values, indices, N, C, *xa.stride(), *xb.stride(), shape_class(N),

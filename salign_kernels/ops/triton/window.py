@@ -164,17 +164,23 @@ def box_size(tile: int, k: int, partition: bool) -> int:
 #: float32 accumulator stays in registers beside the epilogue's temporaries; under the interpreter
 #: more (numpy is fast per op, slow per op count).
 STEP_CANDIDATES = 64
+#: Float32 operands in channel chunks (three TF32 products per chunk, the queries' chunk reloaded):
+#: half the candidates, or the step spills at sm_90.
+STEP_CANDIDATES_FP32_CHUNKED = 32
 INTERPRETER_STEP_CANDIDATES = 1024
 #: Elements of a float64 (queries x candidates x channels) product (no ``tl.dot``) per chunk.
 F64_TILE = 2048
 INTERPRETER_TILE = 2**18
 
 
-def box_chunk(box_h: int, box_w: int, queries: int, block_c: int, interpreted: bool, is_f64: bool = False):
+def box_chunk(box_h: int, box_w: int, queries: int, block_c: int, interpreted: bool, is_f64: bool = False,
+              fp32_chunked: bool = False):
     """``(ROWS, HALO_W)``: a step of the box walk takes ``ROWS`` whole box rows of ``HALO_W >=
     box_w`` columns (padded to a power of two), or, for a box wider than a step, ``HALO_W`` columns
     of one row; at least 16 candidates (``tl.dot``'s smallest N)."""
-    limit = INTERPRETER_STEP_CANDIDATES if interpreted else STEP_CANDIDATES
+    limit = STEP_CANDIDATES_FP32_CHUNKED if fp32_chunked else STEP_CANDIDATES
+    if interpreted:
+        limit = INTERPRETER_STEP_CANDIDATES
     if is_f64:
         limit = max(1, (INTERPRETER_TILE if interpreted else F64_TILE) // (queries * block_c))
     halo_w = min(limit, next_power_of_2(box_w))
@@ -186,14 +192,15 @@ def box_chunk(box_h: int, box_w: int, queries: int, block_c: int, interpreted: b
 
 def block_c(C: int, dtype: torch.dtype, interpreted: bool) -> int:
     """Channel chunk: all of C up to 128 (resident; at least 16, ``tl.dot``'s smallest K), else
-    64-wide chunks. On a GPU float32 takes 32-wide chunks (its three TF32 products per step need
-    three times the operand registers) and float64 8-wide ones (a broadcast product)."""
+    32-wide chunks (the queries' chunk is reloaded beside the candidates', in registers). On a GPU
+    float32 takes 32-wide chunks (its three TF32 products per step need three times the operand
+    registers) and float64 8-wide ones (a broadcast product)."""
     padded = max(16, next_power_of_2(C))
     if not interpreted and dtype == torch.float64:
         return min(next_power_of_2(C), 8)
     if not interpreted and dtype == torch.float32:
         return min(padded, 32)
-    return padded if padded <= 128 else 64
+    return padded if padded <= 128 else (64 if interpreted else 32)
 
 
 def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, spatial, window, mode: int):
@@ -214,7 +221,8 @@ def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, spatial, wind
     TILE_H, TILE_W = query_tile(H, W, INTERPRETED, is_f64)
     BLOCK_C = block_c(C, xa.dtype, INTERPRETED)
     box_h, box_w = box_size(TILE_H, KH, partition), box_size(TILE_W, KW, partition)
-    ROWS, HALO_W = box_chunk(box_h, box_w, TILE_H * TILE_W, BLOCK_C, INTERPRETED, is_f64)
+    ROWS, HALO_W = box_chunk(box_h, box_w, TILE_H * TILE_W, BLOCK_C, INTERPRETED, is_f64,
+                             fp32_chunked=xa.dtype == torch.float32 and C > BLOCK_C)
     # Steps must come in increasing candidate index: several rows per step only when a step spans
     # the box's width.
     assert ROWS == 1 or HALO_W >= box_w, (ROWS, HALO_W, box_w)
