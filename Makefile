@@ -20,7 +20,7 @@ STAMP := $(VENV)/.salign-installed
 SOURCES := pyproject.toml setup.py salign_kernels/_build.py \
 	$(shell find salign_kernels/csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
-.PHONY: install test demo demo3d finetune check bench gpu-check clean
+.PHONY: install test demo demo3d finetune ssl-benchmark check bench gpu-check clean
 
 install: $(STAMP)
 
@@ -45,6 +45,13 @@ demo3d: $(STAMP)
 # The README's few-label Dice table (SAL vs random init, 3 seeds; outputs/finetune/).
 finetune: $(STAMP)
 	$(PY) examples/finetune.py
+
+# Does SAL help? Every pre-training method with one budget, fine-tuned on k labelled ICBM152 slices and
+# tested on the SPM avg152T1 template (about an hour on 2 CPU cores; outputs/ssl_benchmark/). It
+# rewrites the README's table; SSL_ARGS=--quick is a smoke run of a few minutes.
+SSL_ARGS ?=
+ssl-benchmark: $(STAMP)
+	$(PY) -m benchmarks.ssl --readme README.md $(SSL_ARGS)
 
 check: $(STAMP)
 	$(PY) -m salign_kernels.check

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -67,26 +67,23 @@ def dice_per_class(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, floa
     return {CLASSES[c]: float(dice[c - 1]) for c in CLASSES}
 
 
-def finetune_one(init: Dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-                 test_images: torch.Tensor, test_labels: torch.Tensor, *, seed: int, steps: int, lr: float,
-                 device) -> Dict:
-    """Fine-tune a whole BasicUNet from ``init`` on the labelled slices; Dice on the test slab.
+def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, lr: float, device,
+        every: int = 0, on_eval: Optional[Callable[[int, torch.nn.Module], None]] = None) -> List[float]:
+    """The fine-tuning recipe: Adam at ``lr``, Dice + cross-entropy, ``steps`` steps on all k slices.
 
-    ``init`` is the U-Net's initial state (random, or random with the SAL encoder loaded), so both arms of
-    a seed start from the same decoder. Every step sees all k slices, each flipped left-right with
-    probability 1/2 (the brain is nearly symmetric, so this is a label-preserving augmentation).
+    Every step sees all k slices, each flipped left-right with probability 1/2 (the brain is nearly
+    symmetric, so this is a label-preserving augmentation). ``on_eval(step, model)`` is called after
+    every ``every``-th step (``every > 0``), the model in eval mode, then training resumes.
+    Returns the training loss per step. Shape: ``images`` ``(k, 1, S, S)``, ``labels`` ``(k, S, S)``.
     """
     from monai.losses import DiceCELoss
 
-    torch.manual_seed(seed)
-    model = pretrain_sal.build_unet(out_channels=len(CLASSES) + 1).to(device)
-    model.load_state_dict(init)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
     images, labels = images.to(device), labels.to(device)
     curve = []
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         flip = torch.rand(images.shape[0], device=device) < 0.5
         x = torch.where(flip[:, None, None, None], images.flip(-2), images)  # axis 0 of a slice: left-right
         y = torch.where(flip[:, None, None], labels.flip(-2), labels)
@@ -95,10 +92,33 @@ def finetune_one(init: Dict[str, torch.Tensor], images: torch.Tensor, labels: to
         loss.backward()
         optimizer.step()
         curve.append(float(loss.detach()))
+        if on_eval is not None and every > 0 and step % every == 0:
+            model.eval()
+            on_eval(step, model)
+            model.train()
     model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(chunk.to(device)).cpu() for chunk in test_images.split(16)])
-    return {"dice": dice_per_class(logits, test_labels), "curve": curve}
+    return curve
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, device) -> torch.Tensor:
+    """Logits ``(n, classes, S, S)`` on the CPU for ``(n, 1, S, S)`` slices, 16 at a time."""
+    return torch.cat([model(chunk.to(device)).cpu() for chunk in images.split(16)])
+
+
+def finetune_one(init: Dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+                 test_images: torch.Tensor, test_labels: torch.Tensor, *, seed: int, steps: int, lr: float,
+                 device) -> Dict:
+    """Fine-tune a whole BasicUNet from ``init`` on the labelled slices (:func:`fit`); Dice on the test slab.
+
+    ``init`` is the U-Net's initial state (random, or random with the SAL encoder loaded), so both arms of
+    a seed start from the same decoder.
+    """
+    torch.manual_seed(seed)
+    model = pretrain_sal.build_unet(out_channels=len(CLASSES) + 1).to(device)
+    model.load_state_dict(init)
+    curve = fit(model, images, labels, steps=steps, lr=lr, device=device)
+    return {"dice": dice_per_class(predict(model, test_images, device), test_labels), "curve": curve}
 
 
 def summarise(values: List[float]) -> str:
