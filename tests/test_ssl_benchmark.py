@@ -174,3 +174,26 @@ def test_quick_run_end_to_end(tmp_path):
     assert all(f"| {name} |" in table for name in methods.METHODS)
     assert (tmp_path / "ssl_benchmark.png").stat().st_size > 0
     assert "fine-tunings" in result.stdout
+
+
+def test_report_of_a_saved_run(tmp_path):
+    """The report's figures from a hand-made run: paired differences, signs, medians, empty HD95."""
+    def run(method, seed, gm, wm, hd=3.0):
+        return {"method": method, "seed": seed, "k": 1, "dice": {"grey matter": gm, "white matter": wm},
+                "hd95_mm": {"grey matter": hd, "white matter": hd}}
+
+    results = {"args": {"steps": 2, "batch": 4, "size": 32, "finetune_steps": 4, "every": 2},
+               "machine": "test", "seconds": 60.0,
+               "runs": [run("random", 0, 0.5, 0.5), run("random", 1, 0.6, 0.6),
+                        run("SAL-LA", 0, 0.6, 0.6), run("SAL-LA", 1, 0.55, 0.55, hd=math.nan)],
+               "pretrainings": [{"method": "SAL-LA", "seed": s, "seconds": t, "curve": [1.0, 0.5],
+                                 "spread": 0.8, "min_channel_std_x_sqrt_c": 0.4} for s, t in ((0, 10), (1, 30))]}
+    text = report.markdown(results)
+    assert "| 1 | SAL-LA | 0.575 ± 0.035 | 0.575 ± 0.035 | 0.575 ± 0.035 | +0.025 (+ −) | 3.000 ± 0.000 (1 empty) |" in text
+    assert "| SAL-LA | 20 | 1.000 → 0.500 |" in text
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    report.main([str(path), "--readme", str(readme)])
+    assert "| 1 | random |" in readme.read_text() and (tmp_path / "ssl_benchmark.png").exists()

@@ -40,8 +40,8 @@ def methods_in(results: Dict) -> List[str]:
 
 def markdown(results: Dict) -> str:
     """Test-template scores per k and method (mean ± std over seeds), the paired difference of mean
-    Dice against random init with its sign per seed, then each pre-training's cost and collapse
-    monitor."""
+    Dice against random init with its sign per seed, then each pre-training's cost (the median over
+    seeds: one slow moment of a shared machine moves it less than the mean) and collapse monitor."""
     runs = results["runs"]
     ks = sorted({r["k"] for r in runs})
     seeds = sorted({r["seed"] for r in runs})
@@ -64,13 +64,13 @@ def markdown(results: Dict) -> str:
             lines.append(f"| {k} | {method} | {mean_std(gm)} | {mean_std(wm)} | "
                          f"{mean_std([mean_dice(r) for r in these])} | {delta} | "
                          f"{mean_std([mean_hd95(r) for r in these])} |")
-    lines += ["", "| method | pre-training s (mean) | loss first → last step | feature spread | "
+    lines += ["", "| method | pre-training s (median) | loss first → last step | feature spread | "
               "weakest channel std·√C |", "|---|---|---|---|---|"]
     for method in methods_in(results):
         done = [p for p in results["pretrainings"] if p["method"] == method]
         if not done:
             continue
-        lines.append(f"| {method} | {statistics.fmean(p['seconds'] for p in done):.0f} | "
+        lines.append(f"| {method} | {statistics.median(p['seconds'] for p in done):.0f} | "
                      f"{statistics.fmean(p['curve'][0] for p in done):.3f} → "
                      f"{statistics.fmean(p['curve'][-1] for p in done):.3f} | "
                      f"{mean_std([p['spread'] for p in done])} | "
@@ -121,3 +121,26 @@ def replace_readme_section(path: Path, markdown_text: str) -> None:
     if start < 0 or end < start:
         raise ValueError(f"'{path}' has no '{START}' ... '{END}' section to replace")
     path.write_text(text[:start + len(START)] + "\n" + markdown_text + "\n" + text[end:])
+
+
+def main(argv=None) -> None:
+    """``python -m benchmarks.ssl.report results.json [--readme README.md]``: the tables and picture of a
+    finished run again (after a change of the report), without running anything."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results", type=Path, help="a run's results.json")
+    p.add_argument("--readme", type=Path, help="a README whose ssl-benchmark section the table replaces")
+    args = p.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    text = markdown(results)
+    (args.results.parent / "table.md").write_text(text)
+    picture(results, args.results.parent / "ssl_benchmark.png")
+    if args.readme is not None:
+        replace_readme_section(args.readme, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
