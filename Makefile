@@ -51,7 +51,7 @@ finetune: $(STAMP)
 # rewrites the README's table; SSL_ARGS=--quick is a smoke run of a few minutes.
 SSL_ARGS ?=
 ssl-benchmark: $(STAMP)
-	$(PY) -m benchmarks.ssl --readme README.md $(SSL_ARGS)
+	$(PY) -m benchmarks.ssl_benchmark --readme README.md $(SSL_ARGS)
 
 check: $(STAMP)
 	$(PY) -m salign_kernels.check

@@ -1,4 +1,4 @@
-"""The few-label SSL benchmark (benchmarks/ssl): its losses against plain computations, its splits,
+"""The few-label SSL benchmark (benchmarks/ssl_benchmark): its losses against plain computations, its splits,
 its report, and a --quick run end to end."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 pytest.importorskip("monai")
 pytest.importorskip("nibabel")
 
-from benchmarks.ssl import data, methods, protocol, report  # noqa: E402
-from benchmarks.ssl.augment import ViewAugmenter  # noqa: E402
+from benchmarks.ssl_benchmark import data, methods, protocol, report  # noqa: E402
+from benchmarks.ssl_benchmark.augment import ViewAugmenter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "build" / "ssl-benchmark-cache"  # the test template's download, kept between runs
@@ -151,7 +151,7 @@ def test_readme_section_replacement(tmp_path):
 
 
 def run_benchmark(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "benchmarks.ssl", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "benchmarks.ssl_benchmark", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=900, check=check)
 
 
@@ -197,3 +197,10 @@ def test_report_of_a_saved_run(tmp_path):
     readme.write_text(f"{report.START}\n{report.END}\n")
     report.main([str(path), "--readme", str(readme)])
     assert "| 1 | random |" in readme.read_text() and (tmp_path / "ssl_benchmark.png").exists()
+
+
+def test_no_benchmarks_module_shadows_the_standard_library():
+    """``python benchmarks/gpu_check.py`` puts benchmarks/ first on sys.path: a folder or module there
+    named like a standard module (``ssl``, ``profile``) would replace it for torch's own imports."""
+    names = {p.stem for p in (REPO / "benchmarks").iterdir() if p.suffix in ("", ".py") and p.name != "results"}
+    assert not names & set(sys.stdlib_module_names)

@@ -1,9 +1,9 @@
 """Does SAL help? Pre-train every method with one budget, fine-tune with k labelled slices, test on an
 independent template.
 
-    python -m benchmarks.ssl                 # the full benchmark (make ssl-benchmark)
-    python -m benchmarks.ssl --quick         # one seed of every method, tiny sizes: a smoke run
-    python -m benchmarks.ssl --methods SAL-LA SimCLR --seeds 0 --k 3
+    python -m benchmarks.ssl_benchmark                 # the full benchmark (make ssl-benchmark)
+    python -m benchmarks.ssl_benchmark --quick         # one seed of every method, tiny sizes: a smoke run
+    python -m benchmarks.ssl_benchmark --methods SAL-LA SimCLR --seeds 0 --k 3
 
 Writes ``--out`` (default ``outputs/ssl_benchmark``): ``results.json`` (every run, its slices, curves
 and timings), ``table.md`` and ``ssl_benchmark.png``; ``--readme README.md`` replaces the README's
@@ -28,7 +28,7 @@ QUICK = {"steps": 2, "batch": 4, "size": 32, "finetune_steps": 4, "every": 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ssl", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ssl_benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed, k = 1, tiny sizes; pre-training on the "
                    "bundled sample only (no scans gathered)")

@@ -124,7 +124,7 @@ def replace_readme_section(path: Path, markdown_text: str) -> None:
 
 
 def main(argv=None) -> None:
-    """``python -m benchmarks.ssl.report results.json [--readme README.md]``: the tables and picture of a
+    """``python -m benchmarks.ssl_benchmark.report results.json [--readme README.md]``: the tables and picture of a
     finished run again (after a change of the report), without running anything."""
     import argparse
     import json

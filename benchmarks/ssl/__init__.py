@@ -1,2 +1,0 @@
-"""A few-label segmentation benchmark of self-supervised pre-training methods on real scans:
-``python -m benchmarks.ssl`` (``make ssl-benchmark``); ``--quick`` for a smoke run."""
