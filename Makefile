@@ -42,7 +42,7 @@ demo: $(STAMP)
 demo3d: $(STAMP)
 	$(PY) examples/pretrain_sal3d.py
 
-# The README's few-label Dice table (SAL vs random init, 3 seeds; outputs/finetune/).
+# SAL vs random init on the bundled sample alone (3 seeds; outputs/finetune/); make ssl-benchmark is the fair comparison.
 finetune: $(STAMP)
 	$(PY) examples/finetune.py
 
