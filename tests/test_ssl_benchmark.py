@@ -89,7 +89,7 @@ def test_every_method_trains_its_encoder_and_transfers_only_the_encoder_blocks()
         method = make(16)
         before = method.encoder_state()
         assert before and all(k.startswith(methods.ENCODER_BLOCKS) for k in before), name
-        loss, feat = method(x, x.flip(-1), pos, pos, mask, mask)
+        loss = method(x, x.flip(-1), pos, pos, mask, mask)
         assert loss.ndim == 0 and torch.isfinite(loss), name
         loss.backward()
         grads = [p.grad for n, p in method.unet.named_parameters() if n.startswith("conv_0.")]

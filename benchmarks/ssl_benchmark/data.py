@@ -27,7 +27,10 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from salign_kernels.data import SAMPLE_IMAGE, SAMPLE_LABEL, SliceStack, find_volumes, load_slices
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import finetune  # noqa: E402  (slab_indices, CLASSES)
+
+from salign_kernels.data import SAMPLE_IMAGE, SAMPLE_LABEL, SliceStack, find_volumes, load_slices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SPM_WHEEL = "spm-runtime==25.1.2.post4"
@@ -35,8 +38,8 @@ SPM_ARCHIVE = "spm_runtime/_spm/_spm.ctf"  # a plain zip inside the wheel
 SPM_ROOT = "fsroot/_spm/cleaned/spm/"
 SPM_FILES = {"t1": "canonical/avg152T1.nii", "grey": "toolbox/OldSeg/grey.nii",
              "white": "toolbox/OldSeg/white.nii", "brain": "toolbox/FieldMap/brainmask.nii"}
-#: Tissue classes of both labelled templates (0: background and CSF).
-CLASSES = {1: "grey matter", 2: "white matter"}
+#: Tissue classes of both labelled templates (0: background and CSF), as the fine-tuning recipe scores them.
+CLASSES = finetune.CLASSES
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,7 @@ class Split:
 
 def slab(stack: SliceStack, low: float, high: float) -> np.ndarray:
     """The slices of ``stack`` whose position ``i / (D - 1)`` lies in ``[low, high]``."""
-    positions = np.arange(stack.num_slices) / max(stack.num_slices - 1, 1)
-    return np.flatnonzero((positions >= low - 1e-9) & (positions <= high + 1e-9))
+    return finetune.slab_indices(stack, (low, high))
 
 
 def take(stack: SliceStack, indices: Sequence[int]) -> Split:

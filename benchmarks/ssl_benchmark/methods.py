@@ -37,10 +37,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import pretrain_sal  # noqa: E402  (build_unet, SALEncoder)
+from finetune import ENCODER_BLOCKS  # noqa: E402  (the blocks fine-tuning loads)
 
 import salign_kernels as sk  # noqa: E402
-
-ENCODER_BLOCKS = ("conv_0.", "down_1.", "down_2.", "down_3.", "down_4.")
 
 
 def masked_mean(features: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -72,8 +71,7 @@ def projector(width: int, out: int = 64, hidden: int = 128) -> nn.Module:
 
 
 class Method(nn.Module):
-    """A pre-training objective over a U-Net's encoder. ``forward`` returns ``(loss, features_a)``:
-    the scalar loss and view a's dense encoder features (for the collapse monitor)."""
+    """A pre-training objective over a U-Net's encoder. ``forward`` returns the scalar loss."""
 
     views = "same"
 
@@ -112,7 +110,7 @@ class SimCLR(Method):
     def forward(self, view_a, view_b, pos_a, pos_b, mask_a, mask_b):
         feat_a, feat_b, mask_a, mask_b = self.encode(view_a, view_b, mask_a, mask_b)
         z = self.embeddings(feat_a, feat_b, mask_a, mask_b)
-        return nt_xent(z, self.positives(len(view_a), pos_a, z.device), self.tau), feat_a.detach()
+        return nt_xent(z, self.positives(len(view_a), pos_a, z.device), self.tau)
 
 
 class PCL(SimCLR):
@@ -156,7 +154,7 @@ class DenseCL(SimCLR):
         q_a, q_b = self.project_dense(feat_a), self.project_dense(feat_b)
         dense = 0.5 * (self.dense_term(q_a, q_b, feat_a, feat_b, mask_a, mask_b)
                        + self.dense_term(q_b, q_a, feat_b, feat_a, mask_b, mask_a))
-        return 0.5 * global_term + 0.5 * dense, feat_a.detach()
+        return 0.5 * global_term + 0.5 * dense
 
 
 class ModelsGenesis(Method):
@@ -167,10 +165,7 @@ class ModelsGenesis(Method):
 
     def forward(self, view_a, view_b, pos_a, pos_b, mask_a, mask_b):
         corrupted = genesis_corrupt(view_a, generator_for(view_a))
-        restored = self.unet(corrupted)
-        with torch.no_grad():
-            feat_a = self.encoder(view_a[:4])
-        return F.mse_loss(restored, view_a), feat_a
+        return F.mse_loss(self.unet(corrupted), view_a)
 
 
 def generator_for(x: torch.Tensor) -> torch.Generator:
@@ -229,7 +224,7 @@ class SAL(Method):
 
     def forward(self, view_a, view_b, pos_a, pos_b, mask_a, mask_b):
         feat_a, feat_b, mask_a, mask_b = self.encode(view_a, view_b, mask_a, mask_b)
-        return self.criterion(feat_a, feat_b, pos_a, pos_b, mask_a, mask_b).total, feat_a.detach()
+        return self.criterion(feat_a, feat_b, pos_a, pos_b, mask_a, mask_b).total
 
 
 #: name -> (constructor(embed_dim), augment the views). "random" has no pre-training.

@@ -79,7 +79,7 @@ def pretrain(name: str, dataset: SlicePairDataset, budget: Budget, seed: int, de
             if augmenters is not None:
                 views = [aug(image, mask) for aug, (image, mask) in zip(augmenters, views)]
             (view_a, mask_a), (view_b, mask_b) = views
-            loss, _ = method(view_a.to(device), view_b.to(device), batch["pos_a"].to(device), pos_b.to(device),
+            loss = method(view_a.to(device), view_b.to(device), batch["pos_a"].to(device), pos_b.to(device),
                              mask_a[:, 0].to(device), mask_b[:, 0].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
