@@ -14,6 +14,9 @@ order ``auto`` tries and :func:`backends` all derive from it. A backend module p
 - ``fuses_symmetric(feat_a, matching) -> bool`` and ``match_symmetric(feat_a, feat_b, matching)
   -> [(values_ab, indices_ab), (values_ba, indices_ba)]``: both directions from one pass, where
   the backend can. Otherwise :func:`match_directions` runs two one-way passes.
+- optionally ``fused_alignment_loss(feat_a, feat_b, matching, symmetric, reduction) -> Tensor``: the
+  ``"mean"``/``"sum"`` loss from one fused op (reduction and gradient in the kernels). Without it,
+  and for ``"none"``, :func:`alignment_loss` reduces the matches in PyTorch.
 
 ``matching`` is the :class:`~salign_kernels._matching.Matching` of the call (spatial shape,
 per-axis window, mode, normalisation, masks). Backends load lazily: importing
@@ -32,6 +35,7 @@ from typing import Dict, List, Tuple, Union
 import torch
 
 from ._matching import Matching
+from ._reduction import alignment_loss as reduce_matches
 from ._validation import check_choice
 
 
@@ -196,6 +200,15 @@ def match_directions(impl, feat_a: torch.Tensor, feat_b: torch.Tensor, matching:
     if impl.fuses_symmetric(feat_a, matching):
         return impl.match_symmetric(feat_a, feat_b, matching)
     return [impl.match(feat_a, feat_b, matching), impl.match(feat_b, feat_a, matching.swapped())]
+
+
+def alignment_loss(impl, feat_a: torch.Tensor, feat_b: torch.Tensor, matching: Matching, symmetric: bool,
+                   reduction: str) -> torch.Tensor:
+    """The LA/WLA loss: the backend's fused op where it has one, else its matches reduced in PyTorch."""
+    fused = getattr(impl, "fused_alignment_loss", None)
+    if fused is not None and reduction != "none":
+        return fused(feat_a, feat_b, matching, symmetric, reduction)
+    return reduce_matches(match_directions(impl, feat_a, feat_b, matching, symmetric), reduction)
 
 
 def resolve_backend(backend: str = "auto", device: Union[torch.device, str] = "cpu") -> str:

@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _backend
-from ._reduction import alignment_loss, positional_loss
+from ._reduction import positional_loss
 from ._validation import (
     REDUCTIONS,
     check_bool,
@@ -147,7 +147,7 @@ def local_alignment_loss(
     check_bool(symmetric, "symmetric")
     check_choice(reduction, "reduction", REDUCTIONS)
     impl = _backend.select(backend, feat_a, matching)
-    return alignment_loss(_backend.match_directions(impl, feat_a, feat_b, matching, symmetric), reduction)
+    return _backend.alignment_loss(impl, feat_a, feat_b, matching, symmetric, reduction)
 
 
 def global_positional_loss(

@@ -44,7 +44,7 @@ pytestmark = [
 
 LAUNCHED_KERNELS = {"_dense_match_fwd_kernel", "_dense_settle_kernel", "_window_match_fwd_kernel",
                     "_match_bwd_gather_kernel", "_match_bwd_scatter_sorted_kernel", "_match_bwd_finish_kernel",
-                    "_prepare_kernel"}
+                    "_prepare_kernel", "_prepare_pair_kernel", "_loss_finish_kernel"}
 
 
 @pytest.fixture(scope="module")

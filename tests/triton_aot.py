@@ -143,10 +143,10 @@ def label(fn, signature, constexprs, options):
 def record_launches():
     """Every kernel launch of the launchers, over the dtypes, masks, sizes and paths they take."""
     import salign_kernels as sk
-    from salign_kernels.ops.triton import backward, dense, prepare, window
+    from salign_kernels.ops.triton import _loss, backward, dense, prepare, window
 
     calls = []
-    install_recorders([dense, window, backward, prepare], calls)
+    install_recorders([dense, window, backward, prepare, _loss], calls)
     gen = torch.Generator().manual_seed(0)
 
     def inputs(dtype, N, C, layout="voxel"):
@@ -171,17 +171,35 @@ def record_launches():
             for normalize in (True, False):
                 prepare.forward_rows(xa, normalize)
                 prepare.backward_factors(xa, normalize, rows=True)
+                prepare.prepare_pair(xa, xb, normalize, normalize, normalize)
             dense.dense_match_forward(xa, xb, sa, sb, *masks)
             dense.dense_match_symmetric_forward(xa, xb, sa, sb, *masks)
+            # The fused loss: the scans' partial sums, the finishing program.
+            acc = sa.dtype
+            sums, counts = _loss.partial_buffers(2, dense.loss_slots(N, 2, dtype), acc, xa.device)
+            dense.dense_match_forward(xa, xb, sa, sb, *masks, partials=(sums[0], counts[0]))
+            for mean in (True, False):
+                _loss.finish_loss(sums, counts, mean)
+                _loss.finish_loss(sums[:1], counts[:1], mean)
             if masked:
                 for spatial, k, mode in [((9, 7), (7, 7), 0), ((9, 7), (3, 3), 1), ((9, 7), (9, 9), 1),
                                          ((3, 3, 7), (3, 3, 3), 0), ((3, 3, 7), (2, 3, 4), 1)]:
                     window.window_match_forward(xa, xb, sa, sb, mask, mask, spatial, k, mode)
+                    slots = window.loss_slots(spatial, 2, dtype)
+                    sums, counts = _loss.partial_buffers(1, slots, sa.dtype, xa.device)
+                    window.window_match_forward(xa, xb, sa, sb, mask, mask, spatial, k, mode,
+                                                partials=(sums[0], counts[0]))
                 indices = torch.zeros(2, N, dtype=torch.int64)
                 grad = torch.ones(2, N, dtype=sa.dtype)
+                loss_grad = backward.LossGradient(torch.ones((), dtype=sa.dtype), torch.ones((), dtype=torch.int64),
+                                                  grad, True, True)
+                factors = torch.ones(3, 2, N, dtype=sa.dtype)
+                prepared = [backward.Prepared(x, x, *factors) for x in (xa, xb)]
                 for deterministic in (False, True):
                     torch.use_deterministic_algorithms(deterministic)
                     backward.match_backward(grad, xa, xb, indices, True, torch.empty_like(xa), torch.empty_like(xb))
+                    backward.loss_backward([loss_grad, loss_grad], *prepared, [indices, indices],
+                                           torch.empty_like(xa), torch.empty_like(xb))
                 torch.use_deterministic_algorithms(False)
     # Every autotuning configuration of the large-map path, for the tensor-core dtype and float32
     # (float16 compiles as bfloat16 does), and for float32 with three TF32 products per tile.

@@ -18,7 +18,7 @@ import torch
 
 from ..._backend import BackendStatus
 from ..._matching import Matching
-from .._library import call_match, call_match_symmetric
+from .._library import call_alignment_loss, call_match, call_match_symmetric
 
 name = "triton"
 
@@ -81,3 +81,10 @@ def fuses_symmetric(feat_a: torch.Tensor, matching: Matching) -> bool:
 def match_symmetric(feat_a, feat_b, matching: Matching):
     """Both directions, ``[(values_ab, indices_ab), (values_ba, indices_ba)]``, from one op."""
     return call_match_symmetric(_family(feat_a), feat_a, feat_b, matching)
+
+
+def fused_alignment_loss(feat_a, feat_b, matching: Matching, symmetric: bool, reduction: str) -> torch.Tensor:
+    """The ``"mean"`` or ``"sum"`` loss of :func:`salign_kernels.local_alignment_loss` from one fused
+    op: the reduction and its gradient run in the kernels (a training step of one direction is a
+    handful of launches, no host synchronisation)."""
+    return call_alignment_loss(_family(feat_a), feat_a, feat_b, matching, symmetric, reduction == "mean")

@@ -157,3 +157,37 @@ def check_backward(grad_values, feat_a, feat_b, indices) -> None:
     _check_map("feat_b", feat_b, like=feat_a)
     _check_per_voxel("grad_values", grad_values, feat_a, accumulation_dtype(feat_a.dtype))
     _check_per_voxel("indices", indices, feat_a, torch.int64)
+
+
+def check_loss_backward(grad_loss, feat_a, feat_b, values, indices, counts, rows_a, factors_a, rows_b,
+                        factors_b) -> None:
+    """The fused loss backward's contract: what its forward returned, for these maps."""
+    _check_map("feat_a", feat_a)
+    _check_map("feat_b", feat_b, like=feat_a)
+    acc = accumulation_dtype(feat_a.dtype)
+    B, C, N = feat_a.shape[0], feat_a.shape[1], math.prod(feat_a.shape[2:])
+    if not isinstance(grad_loss, torch.Tensor) or grad_loss.numel() != 1 or grad_loss.dtype != acc:
+        _fail(ValueError, f"grad_loss must be a one-element {acc} tensor; got {grad_loss!r}")
+    expected = {
+        "values": ((None, B, N), acc), "indices": ((None, B, N), torch.int64), "counts": ((None,), torch.int64),
+        "factors_a": ((3, B, N), acc), "factors_b": ((3, B, N), acc),
+    }
+    directions = values.shape[0] if isinstance(values, torch.Tensor) and values.dim() == 3 else None
+    if directions not in (1, 2):
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        _fail(ValueError, f"values must be (directions, B, N) with 1 or 2 directions; got {got}")
+    for name, t in (("values", values), ("indices", indices), ("counts", counts), ("factors_a", factors_a),
+                    ("factors_b", factors_b)):
+        shape, dtype = expected[name]
+        shape = tuple(directions if s is None else s for s in shape)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype or t.device != feat_a.device:
+            _fail(ValueError, f"{name} must be a {dtype} tensor of shape {shape} on {feat_a.device}; got "
+                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if not t.is_contiguous():
+            _fail(ValueError, f"{name} must be contiguous")
+    for name, rows, feat in (("rows_a", rows_a, feat_a), ("rows_b", rows_b, feat_b)):
+        ok = isinstance(rows, torch.Tensor) and rows.dtype == feat.dtype and rows.device == feat.device and (
+            rows.numel() == 0 or (tuple(rows.shape) == (B, N, C) and rows.is_contiguous()))
+        if not ok:
+            _fail(ValueError, f"{name} must be empty or contiguous (B, N, C) = {(B, N, C)} of {feat.dtype}; got "
+                              f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")

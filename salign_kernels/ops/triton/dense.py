@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._argmax import NO_HIT
+from ._loss import store_partial
 from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
 from ._tiles import resident_queries, tile_product
 
@@ -206,16 +207,18 @@ def _dense_match_fwd_kernel(
 
 @triton.jit
 def _dense_settle_kernel(
-    xa_ptr, xb_ptr, sb_ptr, mb_ptr, values_ptr, indices_ptr,
+    xa_ptr, xb_ptr, sb_ptr, mb_ptr, values_ptr, indices_ptr, sums_ptr, counts_ptr,
     N, C, sab, sap, sac, sbb, sbp, sbc,
-    HAS_MASK_B: tl.constexpr,
+    HAS_MASK_B: tl.constexpr, WRITE_LOSS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
     EVEN_K: tl.constexpr, IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # The rows the scan marked, given torch.max's answers; a program whose rows hold no mark reads
     # its indices and stops. NEEDS_NAN: the first candidate whose similarity is NaN (the products of
     # the scan's own tile code). NEEDS_FIRST: the first candidate of b (its value, -inf or NaN, is
-    # already stored), or none: value 0, index -1. Grid: (cdiv(N, BLOCK_M), B).
+    # already stored), or none: value 0, index -1. With WRITE_LOSS the block's final values also
+    # give its share of the loss (_loss.store_partial), at slot batch * programs + pid.
+    # Grid: (cdiv(N, BLOCK_M), B).
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     base = batch * N
@@ -224,6 +227,9 @@ def _dense_settle_kernel(
     idx = tl.load(indices_ptr + base + rows, mask=row_ok, other=-1)
     needs_nan = idx == NEEDS_NAN
     needs_first = idx == NEEDS_FIRST
+    values = tl.zeros([BLOCK_M], values_ptr.dtype.element_ty)
+    if WRITE_LOSS:
+        values = tl.load(values_ptr + base + rows, mask=row_ok, other=0.0)
     if tl.max(needs_nan.to(tl.int32), 0) > 0:
         a_rows = xa_ptr + batch * sab + rows.to(tl.int64)[:, None] * sap
         a_res = a_rows
@@ -238,6 +244,7 @@ def _dense_settle_kernel(
             s = acc * tl.load(sb_ptr + base + cols, mask=col_ok, other=0.0)[None, :]
             first_nan = tl.minimum(first_nan, tl.min(tl.where((s != s) & col_ok[None, :], cols[None, :], NO_HIT), 1))
         tl.store(indices_ptr + base + rows, first_nan.to(tl.int64), mask=needs_nan)
+        idx = tl.where(needs_nan, first_nan.to(tl.int64), idx)
     if HAS_MASK_B:
         if tl.max(needs_first.to(tl.int32), 0) > 0:
             first_col = NO_HIT
@@ -246,10 +253,13 @@ def _dense_settle_kernel(
                 ok = (cols < N) & (tl.load(mb_ptr + base + cols, mask=cols < N, other=0) != 0)
                 first_col = tl.minimum(first_col, tl.min(tl.where(ok, cols, NO_HIT), 0))
             none = first_col == NO_HIT
-            tl.store(indices_ptr + base + rows, tl.where(none, -1, first_col).to(tl.int64) + tl.zeros_like(idx),
-                     mask=needs_first)
+            settled = tl.where(none, -1, first_col).to(tl.int64) + tl.zeros_like(idx)
+            tl.store(indices_ptr + base + rows, settled, mask=needs_first)
+            idx = tl.where(needs_first, settled, idx)
             if none:
                 tl.store(values_ptr + base + rows, tl.zeros([BLOCK_M], values_ptr.dtype.element_ty), mask=needs_first)
+                values = tl.where(needs_first, 0.0, values)
+    store_partial(values, row_ok & (idx >= 0), sums_ptr, counts_ptr, batch * tl.num_programs(0) + pid_m, WRITE_LOSS)
 
 
 INTERPRETED = is_interpreted(_dense_match_fwd_kernel)
@@ -317,8 +327,17 @@ def prefetches(N: int, BLOCK_N: int, has_mask_b: bool, single_k: bool, is_f64: b
     return single_k and not is_f64 and (has_mask_b or N >= BLOCK_N)
 
 
-def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
+def loss_slots(N: int, B: int, dtype: torch.dtype) -> int:
+    """Programs of the pass that writes the loss's partial sums (the settle pass): its slots."""
+    BLOCK_M, _ = fixed_blocks(N, dtype == torch.float64, INTERPRETED)
+    return triton.cdiv(N, BLOCK_M) * B
+
+
+def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, partials=None, out=None):
     """Launch the dense kernel; returns ``(values, indices)``, each (B, N).
+
+    ``partials``: ``(sums, counts)`` of :func:`loss_slots` slots each, which then receive the loss's
+    partial sums (:mod:`._loss`); ``out``: ``(values, indices)`` to write instead of new tensors.
 
     Shapes: ``xa``, ``xb`` voxel-major (B, N, C), best with the channels innermost (K-major
     ``tl.dot`` operands: the op passes the rows of :func:`.prepare.prepare_features`); scales (B, N)
@@ -328,8 +347,11 @@ def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     B, N, C = xa.shape
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
     is_f64 = flags["IS_F64"]
-    values = torch.empty((B, N), dtype=scale_a.dtype, device=xa.device)
-    indices = torch.empty((B, N), dtype=torch.int64, device=xa.device)
+    if out is None:
+        out = (torch.empty((B, N), dtype=scale_a.dtype, device=xa.device),
+               torch.empty((B, N), dtype=torch.int64, device=xa.device))
+    values, indices = out
+    sums, counts = partials if partials is not None else (values, indices)  # not read without partials
     BLOCK_K = block_k(C, is_f64)
     if flags["PRECISION"] == "ieee" and xa.dtype == torch.float32 and not INTERPRETED:
         # True float32 products run on the CUDA cores with both operand tiles in registers: the
@@ -357,8 +379,10 @@ def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b):
     # The marked rows (rare: NaN maxima, masked rows without a finite candidate); a program
     # without any reads its indices and stops.
     _dense_settle_kernel[(triton.cdiv(N, BLOCK_M), B)](
-        xa, xb, scale_b, mask_pointer(mask_b, values), values, indices, N, C, *xa.stride(), *xb.stride(),
-        HAS_MASK_B=mask_b is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        xa, xb, scale_b, mask_pointer(mask_b, values), values, indices, sums, counts,
+        N, C, *xa.stride(), *xb.stride(),
+        HAS_MASK_B=mask_b is not None, WRITE_LOSS=partials is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         SINGLE_K=C <= BLOCK_K, EVEN_K=C == BLOCK_K, **flags,
         num_stages=1,  # the rare path: no buffers for a pipeline
     )

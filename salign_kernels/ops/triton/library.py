@@ -5,7 +5,7 @@ in Triton's interpreter, for CPU tensors under the twin family ``torch.ops.salig
 (the C++ kernels own the CPU tensors of the main family). Each implementation checks the op
 contract, makes the tensors' device current, prepares each map once (scales, their derivative and
 contiguous voxel-major rows: :mod:`.prepare`) and launches :mod:`.dense`, :mod:`.window` or
-:mod:`.backward`.
+:mod:`.backward`; the fused loss op adds its reduction (:mod:`._loss`) to those launches.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._library import INTERPRETER_NAMESPACE, op_family, register_kernels
+from ..._numerics import accumulation_dtype
+from .._library import INTERPRETER_NAMESPACE, op_family, prepared_rows_shape, register_kernels
+from . import _loss
 from . import backward as _backward
 from . import dense as _dense
 from . import window as _window
-from ._runtime import check_backward, check_forward, device_of, is_view_of, voxel_major
-from .prepare import forward_rows
+from ._runtime import check_backward, check_forward, check_loss_backward, device_of, is_view_of, voxel_major
+from .prepare import forward_rows, prepare_pair
 
 #: Whether the kernels run in Triton's interpreter (CPU tensors) rather than compiled for a GPU.
 INTERPRETED = _dense.INTERPRETED
@@ -63,6 +65,72 @@ def match_symmetric(feat_a, feat_b, mask_a, mask_b, window: List[int], mode: int
     return tuple(_per_voxel(t, feat_a) for t in out)
 
 
+def alignment_loss(feat_a, feat_b, mask_a, mask_b, window: List[int], mode: int, normalize: bool, symmetric: bool,
+                   mean: bool):
+    """The loss of :func:`salign_kernels.local_alignment_loss` (``"mean"`` or ``"sum"``) in one op:
+    both maps prepared by one launch, one scan per direction whose final pass also writes the loss's
+    partial sums, one program that finishes the loss. Returns the loss and what its backward reads
+    (see ``salign_kernels.ops._library``)."""
+    check_forward(feat_a, feat_b, mask_a, mask_b, window, mode)
+    B, N = feat_a.shape[0], feat_a.shape[2:].numel()
+    spatial = tuple(feat_a.shape[2:])
+    directions = 2 if symmetric else 1
+    acc = accumulation_dtype(feat_a.dtype)
+    with device_of(feat_a):
+        va, vb = voxel_major(feat_a), voxel_major(feat_b)
+        write_a = prepared_rows_shape(feat_a, normalize) != (0,)
+        write_b = prepared_rows_shape(feat_b, normalize) != (0,)
+        xa, factors_a, xb, factors_b = prepare_pair(va, vb, normalize, write_a, write_b)
+        values = torch.empty((directions, B, N), dtype=acc, device=feat_a.device)
+        indices = torch.empty((directions, B, N), dtype=torch.int64, device=feat_a.device)
+        if window:
+            slots = _window.loss_slots(spatial, B, feat_a.dtype)
+        else:
+            slots = _dense.loss_slots(N, B, feat_a.dtype)
+        sums, counts = _loss.partial_buffers(directions, slots, acc, feat_a.device)
+        passes = [(xa, xb, factors_a[0], factors_b[0], mask_a, mask_b),
+                  (xb, xa, factors_b[0], factors_a[0], mask_b, mask_a)][:directions]
+        for d, (x, y, scale_x, scale_y, mask_x, mask_y) in enumerate(passes):
+            out, partials = (values[d], indices[d]), (sums[d], counts[d])
+            if window:
+                _window.window_match_forward(x, y, scale_x, scale_y, mask_x, mask_y, spatial, tuple(window), mode,
+                                             partials=partials, out=out)
+            else:
+                _dense.dense_match_forward(x, y, scale_x, scale_y, mask_x, mask_y, partials=partials, out=out)
+        loss, totals = _loss.finish_loss(sums, counts, mean)
+    empty = feat_a.new_empty((0,))
+    return (loss, values, indices, totals, xa if write_a else empty, factors_a, xb if write_b else empty.clone(),
+            factors_b)
+
+
+def alignment_loss_backward(grad_loss, feat_a, feat_b, values, indices, counts, rows_a, factors_a, rows_b, factors_b,
+                            mean: bool):
+    """Gradients of the fused loss w.r.t. both maps from what its forward saved: no map is read
+    again but through its prepared rows."""
+    check_loss_backward(grad_loss, feat_a, feat_b, values, indices, counts, rows_a, factors_a, rows_b, factors_b)
+    directions = values.shape[0]
+    with device_of(feat_a):
+        grad_a, view_a = _gradient_of(feat_a)
+        grad_b, view_b = _gradient_of(feat_b)
+        prepared = []
+        for feat, rows, factors in ((feat_a, rows_a, factors_a), (feat_b, rows_b, factors_b)):
+            rows = rows if rows.numel() else voxel_major(feat)
+            prepared.append(_backward.Prepared(rows, rows, factors[0], factors[1], factors[2]))
+        gradients = [_backward.LossGradient(grad_loss, counts[d], values[d], directions == 2, mean)
+                     for d in range(directions)]
+        _backward.loss_backward(gradients, prepared[0], prepared[1], list(indices), view_a, view_b)
+        _copy_back(grad_a, view_a)
+        _copy_back(grad_b, view_b)
+    return grad_a, grad_b
+
+
+def _copy_back(grad: torch.Tensor, view: torch.Tensor) -> None:
+    """Bring a gradient the kernels wrote to a temporary voxel-major ``view`` into ``grad``'s strides."""
+    if not is_view_of(view, grad):
+        B = grad.shape[0]
+        grad.copy_(view.view(B, *grad.shape[2:], grad.shape[1]).permute(0, grad.dim() - 1, *range(1, grad.dim() - 1)))
+
+
 def _gradient_of(feat: torch.Tensor):
     """``(grad, view)``: the gradient in ``feat``'s strides (``empty_like``, as the fake says) and
     the voxel-major view the kernels write, a temporary when ``grad``'s spatial axes do not flatten."""
@@ -82,19 +150,20 @@ def match_backward(grad_values, feat_a, feat_b, indices, normalize: bool):
             grad_values.contiguous().view(B, -1), voxel_major(feat_a), voxel_major(feat_b),
             indices.contiguous().view(B, -1), normalize, view_a, view_b,
         )
-        for grad, view in ((grad_a, view_a), (grad_b, view_b)):
-            if not is_view_of(view, grad):  # written to a temporary: bring it into grad's strides
-                grad.copy_(view.view(B, *grad.shape[2:], grad.shape[1]).permute(0, grad.dim() - 1, *range(1, grad.dim() - 1)))
+        _copy_back(grad_a, view_a)
+        _copy_back(grad_b, view_b)
     return grad_a, grad_b
 
 
 #: The families the kernels implement: the main one on CUDA, its twin on CPU under the interpreter.
 FAMILY = op_family()
-register_kernels(FAMILY, "cuda", match, match_symmetric, match_backward)
+IMPLEMENTATIONS = dict(match=match, match_symmetric=match_symmetric, match_backward=match_backward,
+                       alignment_loss=alignment_loss, alignment_loss_backward=alignment_loss_backward)
+register_kernels(FAMILY, "cuda", **IMPLEMENTATIONS)
 INTERPRETER_FAMILY = None
 if INTERPRETED:
     INTERPRETER_FAMILY = op_family(INTERPRETER_NAMESPACE)
-    register_kernels(INTERPRETER_FAMILY, "cpu", match, match_symmetric, match_backward)
+    register_kernels(INTERPRETER_FAMILY, "cpu", **IMPLEMENTATIONS)
 
 
 def family_for(device: torch.device):

@@ -64,16 +64,14 @@ def _unit(largest, IS_F64: tl.constexpr):
 
 
 @triton.jit
-def _prepare_kernel(
-    x_ptr, rows_ptr, scale_ptr, proj_ptr,
+def _prepare_map(
+    x_ptr, rows_ptr, scale_ptr, proj_ptr, r_ptr, pid, batch,
     N, C, sxb, sxp, sxc,
-    NORMALIZE: tl.constexpr, FORWARD: tl.constexpr, WRITE_ROWS: tl.constexpr, EPS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr,
+    NORMALIZE: tl.constexpr, FORWARD: tl.constexpr, WRITE_ROWS: tl.constexpr, WRITE_R: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr,
 ):
-    # See the module docstring. Layout: x through its strides, rows (B, N, C) contiguous, scale /
-    # proj (B, N). Grid: (cdiv(N, BLOCK_P), B).
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    """One block of ``BLOCK_P`` voxels of one map (see the module docstring). ``WRITE_R`` (forward
+    only) also stores the backward's ``r = u * scale`` beside the forward's ``scale``."""
     pixels = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pixel_ok = pixels < N
     cs = tl.arange(0, BLOCK_C)
@@ -122,9 +120,56 @@ def _prepare_kernel(
         proj = tl.zeros([BLOCK_P], acc_type)
     tl.store(scale_ptr + batch * N + pixels, scale, mask=pixel_ok)
     tl.store(proj_ptr + batch * N + pixels, proj, mask=pixel_ok)
+    if WRITE_R:
+        if NORMALIZE:
+            r = tl.where(finite, scaled * u, float("nan"))  # exact: a power of two
+        else:
+            r = scale
+        tl.store(r_ptr + batch * N + pixels, r, mask=pixel_ok)
+
+
+@triton.jit
+def _prepare_kernel(
+    x_ptr, rows_ptr, scale_ptr, proj_ptr,
+    N, C, sxb, sxp, sxc,
+    NORMALIZE: tl.constexpr, FORWARD: tl.constexpr, WRITE_ROWS: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr,
+):
+    # One map. Layout: x through its strides, rows (B, N, C) contiguous, scale / proj (B, N).
+    # Grid: (cdiv(N, BLOCK_P), B).
+    _prepare_map(x_ptr, rows_ptr, scale_ptr, proj_ptr, scale_ptr, tl.program_id(0), tl.program_id(1).to(tl.int64),
+                 N, C, sxb, sxp, sxc, NORMALIZE, FORWARD, WRITE_ROWS, False, EPS, BLOCK_P, BLOCK_C, IS_F64)
+
+
+@triton.jit
+def _prepare_pair_kernel(
+    xa_ptr, rows_a_ptr, factors_a_ptr, xb_ptr, rows_b_ptr, factors_b_ptr,
+    N, BN, C, sab, sap, sac, sbb, sbp, sbc,
+    NORMALIZE: tl.constexpr, WRITE_A: tl.constexpr, WRITE_B: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IS_F64: tl.constexpr,
+):
+    # Both maps of a fused loss in one launch, for the forward and its backward alike: rows, and
+    # factors (3, B, N) = (scale, r, proj), planes of BN = B * N. Grid: (cdiv(N, BLOCK_P), B, 2),
+    # the last axis the map.
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    if tl.program_id(2) == 0:
+        _prepare_map(xa_ptr, rows_a_ptr, factors_a_ptr, factors_a_ptr + 2 * BN, factors_a_ptr + BN, pid, batch,
+                     N, C, sab, sap, sac, NORMALIZE, True, WRITE_A, True, EPS, BLOCK_P, BLOCK_C, IS_F64)
+    else:
+        _prepare_map(xb_ptr, rows_b_ptr, factors_b_ptr, factors_b_ptr + 2 * BN, factors_b_ptr + BN, pid, batch,
+                     N, C, sbb, sbp, sbc, NORMALIZE, True, WRITE_B, True, EPS, BLOCK_P, BLOCK_C, IS_F64)
 
 
 INTERPRETED = is_interpreted(_prepare_kernel)
+
+
+def _blocks(C: int):
+    """``(BLOCK_P, BLOCK_C)``: a (BLOCK_P, BLOCK_C) tile of 2048 values per 128 threads, so the two
+    passes over the channels, software-pipelined, stay in registers (4096 and more spilled at sm_90)."""
+    BLOCK_C = min(next_power_of_2(C), 16 if INTERPRETED else 64)
+    BLOCK_P = 32 if INTERPRETED else max(16, min(256, 2048 // BLOCK_C))
+    return BLOCK_P, BLOCK_C
 
 
 def _launch(x: torch.Tensor, normalize: bool, forward: bool, write_rows: bool):
@@ -133,10 +178,7 @@ def _launch(x: torch.Tensor, normalize: bool, forward: bool, write_rows: bool):
     rows = torch.empty((B, N, C), dtype=x.dtype, device=x.device) if write_rows else x
     scale = torch.empty((B, N), dtype=dtype, device=x.device)
     proj = torch.empty_like(scale)
-    BLOCK_C = min(next_power_of_2(C), 16 if INTERPRETED else 64)
-    # A (BLOCK_P, BLOCK_C) tile of 2048 values per 128 threads: the two passes over the channels,
-    # software-pipelined, stay in registers (4096 and more spilled at sm_90).
-    BLOCK_P = 32 if INTERPRETED else max(16, min(256, 2048 // BLOCK_C))
+    BLOCK_P, BLOCK_C = _blocks(C)
     _prepare_kernel[(triton.cdiv(N, BLOCK_P), B)](
         x, rows, scale, proj,
         N, C, *x.stride(),
@@ -151,8 +193,7 @@ def forward_rows(x: torch.Tensor, normalize: bool):
     """``(rows, scale)`` of a voxel-major ``(B, N, C)`` map ``x`` (any strides) for the scans:
     contiguous rows ``u x`` (``x`` itself without normalisation when its channels are innermost)
     and ``scale`` ``(B, N)`` in the accumulation dtype, with ``scale * rows = x_hat``."""
-    write = bool(normalize) or (x.stride(2) != 1 and x.shape[2] > 1)
-    rows, scale, _ = _launch(x, normalize, True, write)
+    rows, scale, _ = _launch(x, normalize, True, writes_rows(x, normalize))
     return rows, scale
 
 
@@ -163,3 +204,35 @@ def backward_factors(x: torch.Tensor, normalize: bool, rows: bool):
     without normalisation)."""
     write = rows and x.stride(2) != 1 and x.shape[2] > 1
     return _launch(x, normalize, False, write)
+
+
+def writes_rows(x: torch.Tensor, normalize: bool) -> bool:
+    """Whether the forward writes a voxel-major map's rows (else the scans read ``x`` itself): when
+    normalising (the rows are ``u x``), or when the channels are not innermost."""
+    return bool(normalize) or (x.stride(2) != 1 and x.shape[2] > 1)
+
+
+def prepare_pair(xa: torch.Tensor, xb: torch.Tensor, normalize: bool, write_a: bool, write_b: bool):
+    """Both maps of a loss in one launch: ``(rows_a, factors_a, rows_b, factors_b)``.
+
+    ``xa``, ``xb`` voxel-major (B, N, C), any strides. ``rows_*``: contiguous ``u x`` (B, N, C) when
+    ``write_*``, else ``x`` itself; ``factors_*`` (3, B, N) in the accumulation dtype: the forward's
+    ``scale`` (``scale * rows = x_hat``), the backward's ``r = 1 / max(||x||, eps)`` and ``proj``
+    (1 where the norm is not clamped; ``r = 1``, ``proj = 0`` without normalisation). The backward of
+    a fused loss reads these instead of preparing the maps again.
+    """
+    B, N, C = xa.shape
+    dtype = accumulation_dtype(xa.dtype)
+    rows_a = torch.empty((B, N, C), dtype=xa.dtype, device=xa.device) if write_a else xa
+    rows_b = torch.empty((B, N, C), dtype=xb.dtype, device=xb.device) if write_b else xb
+    factors_a = torch.empty((3, B, N), dtype=dtype, device=xa.device)
+    factors_b = torch.empty((3, B, N), dtype=dtype, device=xb.device)
+    BLOCK_P, BLOCK_C = _blocks(C)
+    _prepare_pair_kernel[(triton.cdiv(N, BLOCK_P), B, 2)](
+        xa, rows_a, factors_a, xb, rows_b, factors_b,
+        N, B * N, C, *xa.stride(), *xb.stride(),
+        NORMALIZE=bool(normalize), WRITE_A=bool(write_a), WRITE_B=bool(write_b), EPS=NORMALIZE_EPS,
+        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, IS_F64=xa.dtype == torch.float64,
+        num_warps=4,
+    )
+    return rows_a, factors_a, rows_b, factors_b

@@ -19,16 +19,17 @@ import triton.language as tl
 
 from ..._matching import WINDOW_MODE_CODES
 from ._argmax import NO_HIT, block_argmax, fold_best
+from ._loss import store_partial
 from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
 from ._tiles import resident_queries, tile_product
 
 
 @triton.jit
 def _window_match_fwd_kernel(
-    xa_ptr, xb_ptr, sa_ptr, sb_ptr, ma_ptr, mb_ptr, values_ptr, indices_ptr,
+    xa_ptr, xb_ptr, sa_ptr, sb_ptr, ma_ptr, mb_ptr, values_ptr, indices_ptr, sums_ptr, counts_ptr,
     D, H, W, C, KD, KH, KW, BOX_H, BOX_W, TILES_W, TILES_HW,
     sab, sap, sac, sbb, sbp, sbc,  # strides of xa and xb: batch, voxel, channel
-    PARTITION: tl.constexpr, HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr,
+    PARTITION: tl.constexpr, HAS_MASK_A: tl.constexpr, HAS_MASK_B: tl.constexpr, WRITE_LOSS: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, ROWS: tl.constexpr, HALO_W: tl.constexpr,
     BLOCK_C: tl.constexpr, SINGLE_C: tl.constexpr, EVEN_C: tl.constexpr,
     IS_F64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -47,6 +48,7 @@ def _window_match_fwd_kernel(
     # increasing candidate index q for every query. Within a step the lowest q at the max wins, and
     # a later step replaces the best only when strictly greater, so ties keep the lowest index; a
     # NaN similarity wins at its first index, as in torch.max. sa[p] > 0 multiplies once at the end.
+    # With WRITE_LOSS the tile's share of the loss goes to slot batch * programs + pid (_loss).
     # Grid: (cdiv(H, TILE_H) * cdiv(W, TILE_W) * D, B).
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -131,8 +133,10 @@ def _window_match_fwd_kernel(
     valid = row_ok & (best_idx >= 0)
     if HAS_MASK_A:
         valid = valid & (tl.load(ma_ptr + base + p, mask=row_ok, other=0) != 0)
-    tl.store(values_ptr + base + p, tl.where(valid, tl.where(valid, best, 0.0) * sa, 0.0), mask=row_ok)
+    values = tl.where(valid, tl.where(valid, best, 0.0) * sa, 0.0)
+    tl.store(values_ptr + base + p, values, mask=row_ok)
     tl.store(indices_ptr + base + p, tl.where(valid, best_idx, -1).to(tl.int64), mask=row_ok)
+    store_partial(values, valid, sums_ptr, counts_ptr, batch * tl.num_programs(0) + pid, WRITE_LOSS)
 
 
 INTERPRETED = is_interpreted(_window_match_fwd_kernel)
@@ -203,20 +207,37 @@ def block_c(C: int, dtype: torch.dtype, interpreted: bool) -> int:
     return padded if padded <= 128 else (64 if interpreted else 32)
 
 
-def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, spatial, window, mode: int):
+def _grid(spatial, B: int, is_f64: bool):
+    D, H, W = (1, *spatial) if len(spatial) == 2 else spatial
+    TILE_H, TILE_W = query_tile(H, W, INTERPRETED, is_f64)
+    return (triton.cdiv(H, TILE_H) * triton.cdiv(W, TILE_W) * D, B)
+
+
+def loss_slots(spatial, B: int, dtype: torch.dtype) -> int:
+    """Programs of the window kernel for maps of ``spatial``: the loss's partial-sum slots."""
+    tiles, batch = _grid(spatial, B, dtype == torch.float64)
+    return tiles * batch
+
+
+def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, spatial, window, mode: int,
+                         partials=None, out=None):
     """Launch the window kernel; returns ``(values, indices)``, each (B, N).
 
     ``xa``, ``xb`` voxel-major (B, N, C) with the channels innermost (candidates are gathered per
     voxel); ``spatial`` is (H, W) or (D, H, W) and ``window`` one size per axis (odd when sliding),
-    ``mode`` a value of :data:`WINDOW_MODE_CODES`; checked by the op.
+    ``mode`` a value of :data:`WINDOW_MODE_CODES`; checked by the op. ``partials`` and ``out`` as
+    for :func:`.dense.dense_match_forward` (slots: :func:`loss_slots`).
     """
     B, N, C = xa.shape
     D, H, W = (1, *spatial) if len(spatial) == 2 else spatial
     KD, KH, KW = (1, *window) if len(window) == 2 else window
     partition = mode == WINDOW_MODE_CODES["partition"]
     flags = feature_flags(xa.dtype, xa.device, INTERPRETED)
-    values = torch.empty((B, N), dtype=scale_a.dtype, device=xa.device)
-    indices = torch.empty((B, N), dtype=torch.int64, device=xa.device)
+    if out is None:
+        out = (torch.empty((B, N), dtype=scale_a.dtype, device=xa.device),
+               torch.empty((B, N), dtype=torch.int64, device=xa.device))
+    values, indices = out
+    sums, counts = partials if partials is not None else (values, indices)  # not read without partials
     is_f64 = flags["IS_F64"]
     TILE_H, TILE_W = query_tile(H, W, INTERPRETED, is_f64)
     BLOCK_C = block_c(C, xa.dtype, INTERPRETED)
@@ -228,12 +249,13 @@ def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, spatial, wind
     assert ROWS == 1 or HALO_W >= box_w, (ROWS, HALO_W, box_w)
     tiles_w = triton.cdiv(W, TILE_W)
     tiles_hw = triton.cdiv(H, TILE_H) * tiles_w
-    grid = (tiles_hw * D, B)
+    grid = _grid(spatial, B, is_f64)
     _window_match_fwd_kernel[grid](
         xa, xb, scale_a, scale_b, mask_pointer(mask_a, values), mask_pointer(mask_b, values),
-        values, indices, D, H, W, C, KD, KH, KW, box_h, box_w, tiles_w, tiles_hw, *xa.stride(), *xb.stride(),
+        values, indices, sums, counts, D, H, W, C, KD, KH, KW, box_h, box_w, tiles_w, tiles_hw,
+        *xa.stride(), *xb.stride(),
         PARTITION=partition, HAS_MASK_A=mask_a is not None, HAS_MASK_B=mask_b is not None,
-        TILE_H=TILE_H, TILE_W=TILE_W, ROWS=ROWS, HALO_W=HALO_W,
+        WRITE_LOSS=partials is not None, TILE_H=TILE_H, TILE_W=TILE_W, ROWS=ROWS, HALO_W=HALO_W,
         BLOCK_C=BLOCK_C, SINGLE_C=C <= BLOCK_C, EVEN_C=C == BLOCK_C, **flags,
         num_warps=4,
     )
