@@ -53,13 +53,14 @@ CASES = {
         GPU_DENSE_SHAPE, None, "sliding", False,
         [("triton", BF16), ("triton", FP32), ("reference", BF16), ("reference", FP32),
          ("reference_chunked", FP32), ("triton_ieee", FP32), ("triton_deterministic", BF16),
-         ("reference_compiled", BF16), ("reference_compiled", FP32), ("triton_graphs", BF16)],
+         ("reference_compiled", BF16), ("reference_compiled", FP32), ("triton_graphs", BF16),
+         ("triton_composed", BF16)],
         MODES, 5,
     ),
     "sliding7": (
         GPU_DENSE_SHAPE, 7, "sliding", False,
         [("triton", BF16), ("triton", FP32), ("reference", BF16), ("reference", FP32),
-         ("reference_compiled", FP32), ("triton_graphs", BF16)],
+         ("reference_compiled", FP32), ("triton_graphs", BF16), ("triton_composed", BF16)],
         MODES, 5,
     ),
     "partition7": (

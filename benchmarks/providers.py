@@ -17,7 +17,9 @@ A provider turns ``(feat_a, feat_b)`` into the LA loss with one implementation:
   sorted, fixed-order scatter of the backward); the caller enters :func:`provider_context` around
   the forward and the backward;
 - ``triton_graphs``: ``torch.compile(..., mode="reduce-overhead")`` of the ``triton`` loss: the
-  step replayed as CUDA graphs, without the host's launch overhead.
+  step replayed as CUDA graphs, without the host's launch overhead;
+- ``triton_composed``: the Triton matches reduced in PyTorch (the reduction and its autograd as
+  PyTorch's small kernels), what the ``triton`` loss's fused op replaced.
 """
 
 from __future__ import annotations
@@ -184,6 +186,17 @@ def loss_function(provider: str, case: Case, compile_backend: str = "inductor") 
         graphs = dict(mode="reduce-overhead") if compile_backend == "inductor" else {}
         return torch.compile(lambda a, b: sk.local_alignment_loss(a, b, backend="triton", **options),
                              backend=compile_backend, **graphs)
+    if provider == "triton_composed":
+        from salign_kernels import _backend
+        from salign_kernels._validation import check_match_inputs
+        from salign_kernels.ops import triton as triton_backend
+
+        def composed(a, b):
+            matching = check_match_inputs(a, b, None, None, True, case.window, case.mode)
+            directions = _backend.match_directions(triton_backend, a, b, matching, case.symmetric)
+            return _backend.reduce_matches(directions, "mean")
+
+        return composed
     if provider == "triton_ieee":
         def ieee(a, b):
             previous = sk.set_float32_precision("ieee")

@@ -81,7 +81,8 @@ def test_triton_providers_agree_with_the_reference():
         a, b = make_features(case.shape, device=device)
         want = loss_function("reference", case)(a, b)
         two_pass = ("triton_two_pass",) if case.symmetric else ()  # always both directions
-        for provider in ("triton", "triton_ieee", "triton_deterministic", "triton_graphs", *two_pass):
+        for provider in ("triton", "triton_ieee", "triton_deterministic", "triton_graphs", "triton_composed",
+                         *two_pass):
             # CUDA graphs need inductor on a GPU; here the same compiled step without them
             fn = loss_function(provider, case, compile_backend="inductor" if device == "cuda" else "aot_eager")
             with provider_context(provider):
