@@ -161,6 +161,22 @@ def record_launches():
         mask = torch.ones(2, N, dtype=torch.bool)
         return xa, xb, scales, mask
 
+    def backward_launches(xa, xb, acc):
+        """Both backward paths (atomic, deterministic), of the matches and of the fused loss."""
+        B, N, _ = xa.shape
+        indices = torch.zeros(B, N, dtype=torch.int64)
+        grad = torch.ones(B, N, dtype=acc)
+        loss_grad = backward.LossGradient(torch.ones((), dtype=acc), torch.ones((), dtype=torch.int64),
+                                          grad, True, True)
+        factors = torch.ones(3, B, N, dtype=acc)
+        prepared = [backward.Prepared(x, x, *factors) for x in (xa, xb)]
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            backward.match_backward(grad, xa, xb, indices, True, torch.empty_like(xa), torch.empty_like(xb))
+            backward.loss_backward([loss_grad, loss_grad], *prepared, [indices, indices],
+                                   torch.empty_like(xa), torch.empty_like(xb))
+        torch.use_deterministic_algorithms(False)
+
     # Every dtype through the fixed-tile paths (small maps; channels in one chunk and in several),
     # the windows (2D and 3D) and both backward paths.
     for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
@@ -189,18 +205,10 @@ def record_launches():
                     sums, counts = _loss.partial_buffers(1, slots, sa.dtype, xa.device)
                     window.window_match_forward(xa, xb, sa, sb, mask, mask, spatial, k, mode,
                                                 partials=(sums[0], counts[0]))
-                indices = torch.zeros(2, N, dtype=torch.int64)
-                grad = torch.ones(2, N, dtype=sa.dtype)
-                loss_grad = backward.LossGradient(torch.ones((), dtype=sa.dtype), torch.ones((), dtype=torch.int64),
-                                                  grad, True, True)
-                factors = torch.ones(3, 2, N, dtype=sa.dtype)
-                prepared = [backward.Prepared(x, x, *factors) for x in (xa, xb)]
-                for deterministic in (False, True):
-                    torch.use_deterministic_algorithms(deterministic)
-                    backward.match_backward(grad, xa, xb, indices, True, torch.empty_like(xa), torch.empty_like(xb))
-                    backward.loss_backward([loss_grad, loss_grad], *prepared, [indices, indices],
-                                           torch.empty_like(xa), torch.empty_like(xb))
-                torch.use_deterministic_algorithms(False)
+                backward_launches(xa, xb, sa.dtype)
+        # The canonical channel count: one chunk of 128 channels, the largest gather tile.
+        xa, xb, (sa, _), _ = inputs(dtype, 63, 128)
+        backward_launches(xa, xb, sa.dtype)
     # Every autotuning configuration of the large-map path, for the tensor-core dtype and float32
     # (float16 compiles as bfloat16 does), and for float32 with three TF32 products per tile.
     # Voxel-major rows only: the ops hand the scans the rows of prepare_features.

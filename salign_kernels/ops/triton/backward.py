@@ -254,12 +254,14 @@ def block_c(C: int) -> int:
 SCATTER_TARGETS = 16
 
 
-def gather_rows(block_c: int, is_f64: bool) -> int:
+def gather_rows(block_c: int, is_f64: bool, single_chunk: bool = True) -> int:
     """Queries per program of the gather and finish kernels: a register budget. Each program holds
     its ``(BLOCK_P, BLOCK_C)`` tiles of xa and xb in the accumulation dtype across 128 threads;
     4096 fp32 values per tile (32 queries at C = 128) keep sm_90's gather within 255 registers with
-    no spills (64 queries spilled), float64 a quarter of that (32 x 64 float64 spilled)."""
-    if INTERPRETED:
+    no spills (64 queries spilled), float64 a quarter of that (32 x 64 float64 spilled). Channels in
+    several chunks (C > 128): 16 queries, since the chunk loops keep every row's pointers into
+    xa, xb, grad_xa and acc_b live (32 x 64 reached 255 registers and spilled in the atomic path)."""
+    if INTERPRETED or not single_chunk:
         return 16
     return max(16, min(32, (1024 if is_f64 else 4096) // block_c))
 
@@ -317,7 +319,7 @@ def direction_backward(gradient, queries: Prepared, candidates: Prepared, indice
     else:
         g = values = count = gradient
     BLOCK_C = block_c(C)
-    BLOCK_P = gather_rows(BLOCK_C, is_f64)
+    BLOCK_P = gather_rows(BLOCK_C, is_f64, C <= BLOCK_C)
     _match_bwd_gather_kernel[(triton.cdiv(N, BLOCK_P), B)](
         g, values, count, queries.own, candidates.rows, queries.hat, queries.r, queries.proj, candidates.hat,
         indices, grad_queries, acc, sums, coef, coef_s, keys,
@@ -355,12 +357,16 @@ def finish(acc, sums, candidates: Prepared, grad_candidates, accumulate: bool) -
 
 def accumulators(B: int, N: int, C: int, maps: int, dtype: torch.dtype, device, atomic: bool):
     """``maps`` pairs ``(acc (B, N, C), sums (B, N))``: zeroed by one fill on the atomic path, left
-    uninitialised for the deterministic scatter, which writes every entry."""
-    size = B * N * (C + 1)
+    uninitialised for the deterministic scatter, which writes every entry. Each piece starts at a
+    multiple of 16 elements, so that every one is 16-byte aligned whatever B * N: the JIT then
+    vectorises the atomics into it (a misaligned second pair, at odd N, compiled to scalar
+    atomics and spilled)."""
+    acc_size, sums_size = (-(-n // 16) * 16 for n in (B * N * C, B * N))
+    size = acc_size + sums_size
     make = torch.zeros if atomic else torch.empty
     flat = make(maps * size, dtype=dtype, device=device)
-    return [(flat[m * size: m * size + B * N * C].view(B, N, C), flat[m * size + B * N * C: (m + 1) * size].view(B, N))
-            for m in range(maps)]
+    return [(flat[m * size: m * size + B * N * C].view(B, N, C),
+             flat[m * size + acc_size: m * size + acc_size + B * N].view(B, N)) for m in range(maps)]
 
 
 def match_backward(grad_values, xa, xb, indices, normalize: bool, grad_xa, grad_xb) -> None:

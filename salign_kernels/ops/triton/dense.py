@@ -285,10 +285,15 @@ _TUNE_CONFIGS_FP32 = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "PREFETCH": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "PREFETCH": False}, num_warps=8, num_stages=2),
 ]
+# True float32 products (set_float32_precision("ieee"), channels in 32-wide chunks): the same
+# tiles but 128 x 32 on 8 warps, which ptxas fits in 128 registers only by spilling when masked.
+_TUNE_CONFIGS_IEEE = [c for c in _TUNE_CONFIGS_FP32 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 32)]
 _TUNE_KEY = ["N_CLASS", "C", "HAS_MASK_A", "HAS_MASK_B", "BLOCK_K", "IS_F64", "PRECISION"]
 _TUNED_KERNEL = None if INTERPRETED else triton.autotune(configs=_TUNE_CONFIGS, key=_TUNE_KEY)(_dense_match_fwd_kernel)
 _TUNED_KERNEL_FP32 = None if INTERPRETED else triton.autotune(
     configs=_TUNE_CONFIGS_FP32, key=_TUNE_KEY)(_dense_match_fwd_kernel)
+_TUNED_KERNEL_IEEE = None if INTERPRETED else triton.autotune(
+    configs=_TUNE_CONFIGS_IEEE, key=_TUNE_KEY)(_dense_match_fwd_kernel)
 
 #: Below this many pixels per map a fixed tile is used (no autotuning: small maps are launch-bound).
 #: At and above it every tuned tile (BLOCK_N <= 128) has a full tile to prefetch.
@@ -368,7 +373,10 @@ def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, partials=None,
     BLOCK_M, BLOCK_N = fixed_blocks(N, is_f64, INTERPRETED)  # the settle pass's, and small maps' scan
     if _TUNED_KERNEL is not None and not is_f64 and N >= AUTOTUNE_MIN_PIXELS:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B)  # noqa: E731
-        tuned = _TUNED_KERNEL_FP32 if xa.dtype == torch.float32 else _TUNED_KERNEL
+        if xa.dtype != torch.float32:
+            tuned = _TUNED_KERNEL
+        else:
+            tuned = _TUNED_KERNEL_IEEE if flags["PRECISION"] == "ieee" else _TUNED_KERNEL_FP32
         tuned[grid](*args, **constants)
     else:
         grid = (triton.cdiv(N, BLOCK_M), B)
