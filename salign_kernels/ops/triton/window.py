@@ -168,9 +168,10 @@ def box_size(tile: int, k: int, partition: bool) -> int:
 #: float32 accumulator stays in registers beside the epilogue's temporaries; under the interpreter
 #: more (numpy is fast per op, slow per op count).
 STEP_CANDIDATES = 64
-#: Float32 operands in channel chunks (three TF32 products per chunk, the queries' chunk reloaded):
-#: half the candidates, or the step spills at sm_90.
-STEP_CANDIDATES_FP32_CHUNKED = 32
+#: Float32 operands (three TF32 products per step): half the candidates, or the step spills at
+#: sm_90: in channel chunks (the queries' chunk reloaded) with Triton 3.9, and with the channels
+#: resident too with Triton 3.6 (255 registers at 64 candidates).
+STEP_CANDIDATES_FP32 = 32
 INTERPRETER_STEP_CANDIDATES = 1024
 #: Elements of a float64 (queries x candidates x channels) product (no ``tl.dot``) per chunk.
 F64_TILE = 2048
@@ -178,11 +179,11 @@ INTERPRETER_TILE = 2**18
 
 
 def box_chunk(box_h: int, box_w: int, queries: int, block_c: int, interpreted: bool, is_f64: bool = False,
-              fp32_chunked: bool = False):
+              fp32: bool = False):
     """``(ROWS, HALO_W)``: a step of the box walk takes ``ROWS`` whole box rows of ``HALO_W >=
     box_w`` columns (padded to a power of two), or, for a box wider than a step, ``HALO_W`` columns
     of one row; at least 16 candidates (``tl.dot``'s smallest N)."""
-    limit = STEP_CANDIDATES_FP32_CHUNKED if fp32_chunked else STEP_CANDIDATES
+    limit = STEP_CANDIDATES_FP32 if fp32 else STEP_CANDIDATES
     if interpreted:
         limit = INTERPRETER_STEP_CANDIDATES
     if is_f64:
@@ -243,7 +244,7 @@ def window_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, spatial, wind
     BLOCK_C = block_c(C, xa.dtype, INTERPRETED)
     box_h, box_w = box_size(TILE_H, KH, partition), box_size(TILE_W, KW, partition)
     ROWS, HALO_W = box_chunk(box_h, box_w, TILE_H * TILE_W, BLOCK_C, INTERPRETED, is_f64,
-                             fp32_chunked=xa.dtype == torch.float32 and C > BLOCK_C)
+                             fp32=xa.dtype == torch.float32)
     # Steps must come in increasing candidate index: several rows per step only when a step spans
     # the box's width.
     assert ROWS == 1 or HALO_W >= box_w, (ROWS, HALO_W, box_w)
