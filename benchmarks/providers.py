@@ -193,8 +193,7 @@ def loss_function(provider: str, case: Case, compile_backend: str = "inductor") 
 
         def composed(a, b):
             matching = check_match_inputs(a, b, None, None, True, case.window, case.mode)
-            directions = _backend.match_directions(triton_backend, a, b, matching, case.symmetric)
-            return _backend.reduce_matches(directions, "mean")
+            return _backend.composed_alignment_loss(triton_backend, a, b, matching, case.symmetric, "mean")
 
         return composed
     if provider == "triton_ieee":

@@ -204,10 +204,16 @@ def match_directions(impl, feat_a: torch.Tensor, feat_b: torch.Tensor, matching:
 
 def alignment_loss(impl, feat_a: torch.Tensor, feat_b: torch.Tensor, matching: Matching, symmetric: bool,
                    reduction: str) -> torch.Tensor:
-    """The LA/WLA loss: the backend's fused op where it has one, else its matches reduced in PyTorch."""
+    """The LA/WLA loss: the backend's fused op where it has one, else :func:`composed_alignment_loss`."""
     fused = getattr(impl, "fused_alignment_loss", None)
     if fused is not None and reduction != "none":
         return fused(feat_a, feat_b, matching, symmetric, reduction)
+    return composed_alignment_loss(impl, feat_a, feat_b, matching, symmetric, reduction)
+
+
+def composed_alignment_loss(impl, feat_a: torch.Tensor, feat_b: torch.Tensor, matching: Matching,
+                            symmetric: bool, reduction: str) -> torch.Tensor:
+    """The LA/WLA loss from the backend's matches, reduced in PyTorch (:mod:`._reduction`)."""
     return reduce_matches(match_directions(impl, feat_a, feat_b, matching, symmetric), reduction)
 
 

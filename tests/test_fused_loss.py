@@ -39,8 +39,7 @@ def _losses_and_grads(a, b, *, window=None, window_mode="sliding", symmetric=Fal
         if fused:
             loss = triton_backend.fused_alignment_loss(x, y, matching, symmetric, reduction)
         else:
-            directions = _backend.match_directions(triton_backend, x, y, matching, symmetric)
-            loss = _backend.reduce_matches(directions, reduction)
+            loss = _backend.composed_alignment_loss(triton_backend, x, y, matching, symmetric, reduction)
         grads = torch.autograd.grad(loss, (x, y))
         out.append((loss.detach(), *grads))
     return out

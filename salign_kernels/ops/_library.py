@@ -123,11 +123,18 @@ def _fake_match_backward(grad_values, feat_a, feat_b, indices, normalize):
     return torch.empty_like(feat_a), torch.empty_like(feat_b)
 
 
+def rows_written(normalize: bool, channels: int, channel_stride: int) -> bool:
+    """Whether a map's prepared voxel-major rows are a new contiguous ``(B, N, C)`` tensor rather
+    than the map itself: when normalising (the rows are ``u x``), or when its channels are not
+    innermost."""
+    return bool(normalize) or (channels > 1 and channel_stride != 1)
+
+
 def prepared_rows_shape(feat: torch.Tensor, normalize: bool):
     """The shape of a map's ``rows`` output of ``alignment_loss``: ``(B, N, C)`` when the forward
-    writes them (normalising, or channels not innermost), else ``(0,)`` (the map itself serves)."""
+    writes them (:func:`rows_written`), else ``(0,)`` (the map itself serves)."""
     B, C = feat.shape[:2]
-    if normalize or (C > 1 and feat.stride(1) != 1):
+    if rows_written(normalize, C, feat.stride(1)):
         return (B, math.prod(feat.shape[2:]), C)
     return (0,)
 

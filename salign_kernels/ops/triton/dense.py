@@ -332,10 +332,15 @@ def prefetches(N: int, BLOCK_N: int, has_mask_b: bool, single_k: bool, is_f64: b
     return single_k and not is_f64 and (has_mask_b or N >= BLOCK_N)
 
 
+def _settle_grid(N: int, B: int, is_f64: bool):
+    BLOCK_M, _ = fixed_blocks(N, is_f64, INTERPRETED)
+    return (triton.cdiv(N, BLOCK_M), B)
+
+
 def loss_slots(N: int, B: int, dtype: torch.dtype) -> int:
     """Programs of the pass that writes the loss's partial sums (the settle pass): its slots."""
-    BLOCK_M, _ = fixed_blocks(N, dtype == torch.float64, INTERPRETED)
-    return triton.cdiv(N, BLOCK_M) * B
+    programs, batch = _settle_grid(N, B, dtype == torch.float64)
+    return programs * batch
 
 
 def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, partials=None, out=None):
@@ -385,8 +390,8 @@ def dense_match_forward(xa, xb, scale_a, scale_b, mask_a, mask_b, partials=None,
             PREFETCH=prefetches(N, BLOCK_N, mask_b is not None, C <= BLOCK_K, is_f64), **constants,
         )
     # The marked rows (rare: NaN maxima, masked rows without a finite candidate); a program
-    # without any reads its indices and stops.
-    _dense_settle_kernel[(triton.cdiv(N, BLOCK_M), B)](
+    # without any reads its indices (and, for the loss, its values) and stops.
+    _dense_settle_kernel[_settle_grid(N, B, is_f64)](
         xa, xb, scale_b, mask_pointer(mask_b, values), values, indices, sums, counts,
         N, C, *xa.stride(), *xb.stride(),
         HAS_MASK_B=mask_b is not None, WRITE_LOSS=partials is not None,

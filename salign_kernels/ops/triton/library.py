@@ -15,13 +15,13 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..._numerics import accumulation_dtype
-from .._library import INTERPRETER_NAMESPACE, op_family, prepared_rows_shape, register_kernels
+from .._library import INTERPRETER_NAMESPACE, op_family, register_kernels
 from . import _loss
 from . import backward as _backward
 from . import dense as _dense
 from . import window as _window
 from ._runtime import check_backward, check_forward, check_loss_backward, device_of, is_view_of, voxel_major
-from .prepare import forward_rows, prepare_pair
+from .prepare import forward_rows, prepare_pair, writes_rows
 
 #: Whether the kernels run in Triton's interpreter (CPU tensors) rather than compiled for a GPU.
 INTERPRETED = _dense.INTERPRETED
@@ -78,8 +78,7 @@ def alignment_loss(feat_a, feat_b, mask_a, mask_b, window: List[int], mode: int,
     acc = accumulation_dtype(feat_a.dtype)
     with device_of(feat_a):
         va, vb = voxel_major(feat_a), voxel_major(feat_b)
-        write_a = prepared_rows_shape(feat_a, normalize) != (0,)
-        write_b = prepared_rows_shape(feat_b, normalize) != (0,)
+        write_a, write_b = writes_rows(va, normalize), writes_rows(vb, normalize)
         xa, factors_a, xb, factors_b = prepare_pair(va, vb, normalize, write_a, write_b)
         values = torch.empty((directions, B, N), dtype=acc, device=feat_a.device)
         indices = torch.empty((directions, B, N), dtype=torch.int64, device=feat_a.device)
@@ -98,9 +97,10 @@ def alignment_loss(feat_a, feat_b, mask_a, mask_b, window: List[int], mode: int,
             else:
                 _dense.dense_match_forward(x, y, scale_x, scale_y, mask_x, mask_y, partials=partials, out=out)
         loss, totals = _loss.finish_loss(sums, counts, mean)
-    empty = feat_a.new_empty((0,))
-    return (loss, values, indices, totals, xa if write_a else empty, factors_a, xb if write_b else empty.clone(),
-            factors_b)
+    # A map that serves as its own rows is returned as an empty tensor (the backward reads the map);
+    # two of them, as two tensors: a custom op's outputs may not alias one another.
+    return (loss, values, indices, totals, xa if write_a else feat_a.new_empty((0,)), factors_a,
+            xb if write_b else feat_b.new_empty((0,)), factors_b)
 
 
 def alignment_loss_backward(grad_loss, feat_a, feat_b, values, indices, counts, rows_a, factors_a, rows_b, factors_b,

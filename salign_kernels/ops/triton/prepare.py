@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..._numerics import NORMALIZE_EPS, accumulation_dtype
+from .._library import rows_written
 from ._runtime import is_interpreted, next_power_of_2
 
 #: Voxels whose largest |x| has an exponent within +-SAFE_EXPONENT are not rescaled.
@@ -202,14 +203,13 @@ def backward_factors(x: torch.Tensor, normalize: bool, rows: bool):
     channels are innermost (or when ``rows`` is False), else a contiguous copy; ``r = 1 / max(||x||,
     eps)`` and ``proj`` (1 where the norm is not clamped) are ``(B, N)`` (``r = 1``, ``proj = 0``
     without normalisation)."""
-    write = rows and x.stride(2) != 1 and x.shape[2] > 1
-    return _launch(x, normalize, False, write)
+    return _launch(x, normalize, False, rows and rows_written(False, x.shape[2], x.stride(2)))
 
 
 def writes_rows(x: torch.Tensor, normalize: bool) -> bool:
-    """Whether the forward writes a voxel-major map's rows (else the scans read ``x`` itself): when
-    normalising (the rows are ``u x``), or when the channels are not innermost."""
-    return bool(normalize) or (x.stride(2) != 1 and x.shape[2] > 1)
+    """Whether the forward writes a voxel-major map's rows (else the scans read ``x`` itself):
+    :func:`salign_kernels.ops._library.rows_written`, the rule the fused op's contract states."""
+    return rows_written(normalize, x.shape[2], x.stride(2))
 
 
 def prepare_pair(xa: torch.Tensor, xb: torch.Tensor, normalize: bool, write_a: bool, write_b: bool):
