@@ -13,6 +13,11 @@ VENV_ARGS ?=
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= test,triton,data,lightning
+# The oldest Triton release the kernels support (pyproject: triton>=3.6), kept beside the installed
+# one in its own folder: the compile test (tests/test_triton_compile.py) compiles every kernel with
+# both. Empty: the installed release alone.
+TRITON_OLDEST ?= triton==3.6.0
+TRITON_OLDEST_DIR := $(VENV)/triton-oldest
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -29,10 +34,11 @@ $(STAMP): $(SOURCES)
 	$(if $(strip $(TORCH)),$(PIP) install "$(TORCH)" $(TORCH_PIP_ARGS))
 	$(PIP) install "setuptools>=64" wheel ninja
 	$(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"
+	$(if $(strip $(TRITON_OLDEST)),$(PIP) install --no-deps --upgrade --target $(TRITON_OLDEST_DIR) "$(TRITON_OLDEST)")
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(if $(strip $(TRITON_OLDEST)),SALIGN_EXTRA_TRITON=$(TRITON_OLDEST_DIR)) $(PY) -m pytest
 
 # The main job: SAL pre-training of a MONAI U-Net encoder on the bundled real sample (outputs/).
 demo: $(STAMP)

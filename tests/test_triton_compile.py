@@ -8,10 +8,17 @@ The compile runs once, in a subprocess, for the whole module (20-30 minutes on 2
 below is its own test over all compiles and names every offending one. What the current kernels do
 not achieve yet is listed in KNOWN_GAPS: those tests are expected to fail, strictly, so closing a
 gap fails the suite until its entry is removed.
+
+Each check runs for every Triton release at hand: the installed one, and each folder named in
+``SALIGN_EXTRA_TRITON`` (``os.pathsep``-separated; ``make test`` names the oldest supported
+release's, installed by ``make install``), put first on the compiling subprocess's ``PYTHONPATH``.
+Releases compile the same source differently (registers, spills), and a GPU may run either.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
 import json
 import os
 import platform
@@ -47,19 +54,43 @@ LAUNCHED_KERNELS = {"_dense_match_fwd_kernel", "_dense_settle_kernel", "_window_
                     "_prepare_kernel", "_prepare_pair_kernel", "_loss_finish_kernel"}
 
 
-@pytest.fixture(scope="module")
-def compiles():
-    """(records, summary, returncode, stderr) of one run of triton_aot.py for sm_90.
+def _release(folder: str) -> str:
+    """The version of the Triton installed in ``folder`` (its dist-info), e.g. ``3.6.0``."""
+    found = glob.glob(os.path.join(folder, "triton-*.dist-info"))
+    if not os.path.isdir(os.path.join(folder, "triton")) or len(found) != 1:
+        raise ValueError(f"SALIGN_EXTRA_TRITON names {folder!r}, which holds no single Triton release")
+    return os.path.basename(found[0])[len("triton-"):-len(".dist-info")]
 
-    ``SALIGN_COMPILE_RECORDS=build/triton_compile.jsonl`` rereads a previous run's output instead
-    (to revise the checks or KNOWN_GAPS without the 20-minute compile); it must match the code."""
+
+def _builds():
+    """(version, folder) of every Triton release to compile with; folder None: the installed one."""
+    import triton
+
+    builds = [(triton.__version__, None)]
+    for folder in filter(None, os.environ.get("SALIGN_EXTRA_TRITON", "").split(os.pathsep)):
+        builds.append((_release(folder), os.path.abspath(folder)))
+    return builds
+
+
+BUILDS = _builds()
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_all(version: str, folder):
+    """(records, summary, returncode, stderr) of one run of triton_aot.py for sm_90 with that release.
+
+    ``SALIGN_COMPILE_RECORDS=build`` rereads a previous run's output from that folder instead (to
+    revise the checks or KNOWN_GAPS without the compile); it must match the code."""
     saved = os.environ.get("SALIGN_COMPILE_RECORDS")
+    name = f"triton_compile-{version}.jsonl"
     if saved:
-        with open(saved) as f:
+        with open(os.path.join(saved, name)) as f:
             stdout, returncode, stderr = f.read(), 0, ""
     else:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its notice
+        if folder:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, env.get("PYTHONPATH")]))
         result = subprocess.run(
             [sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90"],
             env=env, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
@@ -68,13 +99,25 @@ def compiles():
         # The records stay for a reader (and for SALIGN_COMPILE_RECORDS).
         out_dir = os.path.join(os.path.dirname(HERE), "build")
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "triton_compile.jsonl"), "w") as f:
+        with open(os.path.join(out_dir, name), "w") as f:
             f.write(stdout)
     lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert lines and lines[-1].get("summary"), stderr[-3000:]
+    assert lines[-1]["triton"] == version, (lines[-1]["triton"], version)  # the release asked for ran
     return lines[:-1], lines[-1], returncode, stderr
 
 
+@pytest.fixture
+def compiles(request):
+    """The compile records of the release ``request.param`` (version, folder)."""
+    return _compile_all(*request.param)
+
+
+#: Runs a test once per release (the ``compiles`` fixture's parameter), its id the version.
+each_build = pytest.mark.parametrize("compiles", BUILDS, indirect=True, ids=[v for v, _ in BUILDS])
+
+
+@each_build
 def test_every_kernel_configuration_compiles_for_sm90(compiles):
     records, summary, returncode, stderr = compiles
     print("\n".join(summary["table"]))  # shown with -rP / -s, and on failure
@@ -132,12 +175,13 @@ CHECKS = {
     ),
 }
 
-#: What the current kernels do not achieve: (check, kernel, dtype, config, why), the compiles of
-#: that kernel and dtype whose config label holds every word of ``config``. Each entry's test is a
-#: strict xfail: it fails when the gap closes, so that the entry is removed and the check guards it;
-#: the check's own test leaves out only the compiles an entry names.
+#: What the current kernels do not achieve: (check, release, kernel, dtype, config, why), the
+#: compiles of that kernel and dtype whose config label holds every word of ``config``, with the
+#: Triton releases whose version starts with ``release``. Each entry's test is a strict xfail: it
+#: fails when the gap closes, so that the entry is removed and the check guards it; the check's own
+#: test leaves out only the compiles an entry names.
 KNOWN_GAPS = [
-    ("no_spills", "_prepare_kernel", "fp64", "P32 C64 normalize 1=sxc",
+    ("no_spills", "3.9", "_prepare_kernel", "fp64", "P32 C64 normalize 1=sxc",
      "float64 backward factors (no rows, no forward) at C = 128: ptxas keeps one register "
      "on the stack (1 STL + 1 LDL, 8 B) across the calls of float64 sqrt's and division's slow paths, "
      "at 96 registers, so not from pressure; other tile sizes move it to other channel counts"),
@@ -149,16 +193,23 @@ def _in_gap(record, kernel, dtype, config) -> bool:
             and set(config.split()) <= set(record.get("config", "").split()))
 
 
+def _applies(release: str, version: str) -> bool:
+    return version == release or version.startswith(release + ".")
+
+
 def _params():
-    for check in CHECKS:
-        gaps = tuple(gap[1:4] for gap in KNOWN_GAPS if gap[0] == check)
-        yield pytest.param(check, None, gaps, id=check)
-    for check, kernel, dtype, config, why in KNOWN_GAPS:
-        yield pytest.param(check, (kernel, dtype, config), (), id=f"{check}-{kernel}-{dtype}",
-                           marks=pytest.mark.xfail(strict=True, reason=f"known gap: {why}"))
+    for version, folder in BUILDS:
+        build = (version, folder)
+        gaps = [gap for gap in KNOWN_GAPS if _applies(gap[1], version)]
+        for check in CHECKS:
+            excluded = tuple(gap[2:5] for gap in gaps if gap[0] == check)
+            yield pytest.param(build, check, None, excluded, id=f"{version}-{check}")
+        for check, _, kernel, dtype, config, why in gaps:
+            yield pytest.param(build, check, (kernel, dtype, config), (), id=f"{version}-{check}-{kernel}-{dtype}",
+                               marks=pytest.mark.xfail(strict=True, reason=f"known gap: {why}"))
 
 
-@pytest.mark.parametrize("check, gap, excluded", list(_params()))
+@pytest.mark.parametrize("compiles, check, gap, excluded", list(_params()), indirect=["compiles"])
 def test_census(compiles, check, gap, excluded):
     """One check over every compile it applies to (or, for a known gap, over the compiles it names)."""
     records = compiles[0]
@@ -173,5 +224,15 @@ def test_census(compiles, check, gap, excluded):
 
 
 def test_known_gaps_name_real_checks_and_kernels():
-    for check, kernel, dtype, config, why in KNOWN_GAPS:
-        assert check in CHECKS and kernel in LAUNCHED_KERNELS and dtype and config and why
+    for check, release, kernel, dtype, config, why in KNOWN_GAPS:
+        assert check in CHECKS and kernel in LAUNCHED_KERNELS and release and dtype and config and why
+
+
+def test_extra_release_folder_is_checked(tmp_path, monkeypatch):
+    """A folder in SALIGN_EXTRA_TRITON that holds no Triton is an error, not a silent skip."""
+    monkeypatch.setenv("SALIGN_EXTRA_TRITON", str(tmp_path))
+    with pytest.raises(ValueError, match="holds no single Triton release"):
+        _builds()
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton-3.6.0.dist-info").mkdir()
+    assert _builds()[1] == ("3.6.0", str(tmp_path))

@@ -178,9 +178,13 @@ def _match_bwd_scatter_sorted_kernel(
     # keys, every query's: the invalid ones sort last). One program sums BLOCK_T consecutive
     # targets side by side: step j adds the j-th query of every segment that has one (an exact +0
     # to those that have not), so each target sees the same additions in the same order as it would
-    # alone. Grid: (cdiv(T, BLOCK_T),).
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < T
+    # alone. A program's targets lie in one batch, that of every query choosing them, so a query's
+    # pixel is flat - batch * N (no 64-bit division, a subroutine call in the loop).
+    # Grid: (cdiv(N, BLOCK_T), B).
+    batch = tl.program_id(1).to(tl.int64)
+    base = batch * N
+    t = base + tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < base + N
     start = _lower_bound(keys_ptr, T, t, SEARCH_STEPS)
     length = tl.where(t_ok, _lower_bound(keys_ptr, T, t + 1, SEARCH_STEPS) - start, 0)
     longest = tl.max(length, axis=0)
@@ -196,7 +200,7 @@ def _match_bwd_scatter_sorted_kernel(
         for j in range(0, longest):
             live = j < length
             flat = tl.load(order_ptr + start + j, mask=live, other=0)
-            x_rows = xa_ptr + (flat // N) * sab + (flat % N) * sap
+            x_rows = xa_ptr + batch * sab + (flat - base) * sap
             x = tl.load(x_rows[:, None] + cc.to(tl.int64)[None, :] * sac, mask=live[:, None] & (cc < C)[None, :],
                         other=0.0)
             x = x.to(acc.dtype) * tl.load(ha_ptr + flat, mask=live, other=0.0)[:, None]
@@ -333,7 +337,7 @@ def direction_backward(gradient, queries: Prepared, candidates: Prepared, indice
         # found by binary search in the scatter. No host synchronisation.
         sorted_keys, order = torch.sort(keys, stable=True)
         T = B * N
-        _match_bwd_scatter_sorted_kernel[(triton.cdiv(T, SCATTER_TARGETS),)](
+        _match_bwd_scatter_sorted_kernel[(triton.cdiv(N, SCATTER_TARGETS), B)](
             queries.rows, queries.hat, order, sorted_keys, coef, coef_s, acc, sums,
             T, N, C, *queries.rows.stride(), search_steps(T),
             BLOCK_T=SCATTER_TARGETS, BLOCK_C=BLOCK_C, IS_F64=is_f64,

@@ -173,8 +173,10 @@ STEP_CANDIDATES = 64
 #: resident too with Triton 3.6 (255 registers at 64 candidates).
 STEP_CANDIDATES_FP32 = 32
 INTERPRETER_STEP_CANDIDATES = 1024
-#: Elements of a float64 (queries x candidates x channels) product (no ``tl.dot``) per chunk.
-F64_TILE = 2048
+#: Elements of a float64 (queries x candidates x channels) product (no ``tl.dot``) per chunk: at
+#: 2048 (8 candidates a step), ptxas kept a register on the stack in some masked float64 windows
+#: (Triton 3.6, and 3.9 with the same source reordered), at 72 to 80 registers.
+F64_TILE = 1024
 INTERPRETER_TILE = 2**18
 
 
