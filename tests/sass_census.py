@@ -112,13 +112,17 @@ def mma_kind(instructions: Sequence[Instruction]) -> str:
 
 
 def hot_loop(instructions: Sequence[Instruction]) -> Optional[Tuple[int, int]]:
-    """The loop whose speed is the kernel's: the innermost one holding tensor-core instructions,
-    else the largest (a CUDA-core kernel's main loop; nested loops are inside it); None without loops."""
+    """The loop whose speed is the kernel's: the first, in program order, of the innermost loops
+    holding tensor-core instructions (a kernel's main scan comes first; a later one, such as the
+    walk that settles a tile's rare rows, runs seldom), else the largest (a CUDA-core kernel's main
+    loop; nested loops are inside it); None without loops."""
     spans = loops(instructions)
     mma_ops = {opcode for opcode, _ in MMA_KINDS}
-    for span in spans:
-        if any(i.opcode in mma_ops for i in within(instructions, span)):
-            return span
+    with_mma = [span for span in spans if any(i.opcode in mma_ops for i in within(instructions, span))]
+    innermost = [span for span in with_mma
+                 if not any(o != span and span[0] <= o[0] and o[1] <= span[1] for o in with_mma)]
+    if innermost:
+        return min(innermost)
     return max(spans, key=lambda r: r[1] - r[0]) if spans else None
 
 

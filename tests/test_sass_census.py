@@ -67,6 +67,24 @@ def test_loops_innermost_first_without_self_branches():
     assert sc.hot_loop(ins) == (0x0, 0x40)  # no MMA: the largest loop
 
 
+def test_hot_loop_is_the_first_innermost_mma_loop():
+    # A long scan (0x10..0x40) before a short one (0x60..0x80, a rarely taken second walk), and an
+    # outer loop around the first: the first innermost loop with MMA is the hot one, not the shortest.
+    ins = sc.parse_sass(listing(
+        "NOP",                                                  # 0x00
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT",    # 0x10  scan
+        "FMNMX.NAN R1, R2, R3, !PT",                            # 0x20
+        "FSETP.EQ.AND P0, PT, R1, R2, PT",                      # 0x30
+        "BRA 0x10",                                             # 0x40  its back edge
+        "BRA 0x0",                                              # 0x50  outer loop
+        "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT",    # 0x60  second walk
+        "NOP",                                                  # 0x70
+        "BRA 0x60",                                             # 0x80
+        "EXIT",                                                 # 0x90
+    ))
+    assert sc.hot_loop(ins) == (0x10, 0x40)
+
+
 def test_census_of_a_pipelined_wgmma_loop_with_a_fenced_atomic():
     c = sc.census(WGMMA, RES, num_warps=8, shared=131072)
     assert c["mma"] == "wgmma" and c["mma_forms"] == ["HGMMA.64x128x16.F32.BF16"]
