@@ -1,11 +1,18 @@
 """The running (max, argmax) of the forward kernels: NaN wins as in ``torch.max``, ties keep the
 lowest index. Shared ``@triton.jit`` helpers, inlined into each kernel.
 
-A block of similarities is reduced through integer keys: a NaN candidate keeps its index
-``q < 2**30``, a candidate at the block's maximum becomes ``q + SHIFT``, anything else ``NO_HIT``;
-one min-reduction then gives the first NaN if there is one, else the first maximiser. ``tl.max``
-skips NaN (compiled and interpreted alike), which is why NaN is found through the index. Pixel
-indices must stay below ``2**30`` (the ops check ``H * W``).
+Two forms:
+
+- lean (``tile_argmax``, ``fold_strict``): what the scans' hot loops run. A NaN-keeping row max, one
+  compare-select-min for the lowest index at it, a strictly-greater merge. It gives the right answer
+  for every row whose maximum is a number above ``-inf``; the rows it cannot settle (it saw a NaN,
+  or no candidate above ``-inf``) are flagged, and the kernel settles them with the exact form.
+- exact (``block_argmax``, ``fold_best``): every rule in one pass. A block of similarities is
+  reduced through integer keys: a NaN candidate keeps its index ``q < 2**30``, a candidate at the
+  block's maximum becomes ``q + SHIFT``, anything else ``NO_HIT``; one min-reduction then gives the
+  first NaN if there is one, else the first maximiser. ``tl.max`` skips NaN (compiled and
+  interpreted alike), which is why NaN is found through the index. Pixel indices must stay below
+  ``2**30`` (the ops check ``H * W``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,31 @@ import triton.language as tl
 # constexpr: compiled kernels may read no other kind of global.
 SHIFT = tl.constexpr(2**30)
 NO_HIT = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def tile_argmax(s, index):
+    """``(top, arg)`` of each row of a ``(rows, candidates)`` block ``s``: the row max (NaN if the
+    row holds one) and the lowest ``index`` (broadcast against ``s``) attaining it; ``NO_HIT``
+    where the max is NaN (nothing equals it)."""
+    top = tl.reduce(s, 1, _max_keep_nan)
+    arg = tl.min(tl.where(s == top[:, None], index, NO_HIT), 1)
+    return top, arg
+
+
+@triton.jit
+def fold_strict(best, best_idx, saw_nan, top, arg):
+    """Merge a later block's ``tile_argmax`` into the running best: strictly greater wins, so
+    earlier blocks (lower indices) keep ties and a block whose max is ``-inf`` or NaN is never
+    taken; ``saw_nan`` (int32) flags the rows that met a NaN, which the lean form cannot settle."""
+    saw_nan = saw_nan | (top != top).to(tl.int32)
+    better = top > best
+    return tl.where(better, top, best), tl.where(better, arg, best_idx), saw_nan
 
 
 @triton.jit

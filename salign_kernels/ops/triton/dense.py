@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._argmax import NO_HIT
+from ._argmax import NO_HIT, fold_strict, tile_argmax
 from ._loss import store_partial
 from ._runtime import feature_flags, is_interpreted, mask_pointer, next_power_of_2
 from ._tiles import resident_queries, tile_product
@@ -62,11 +62,6 @@ def _similarity_tile(
 
 
 @triton.jit
-def _max_keep_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _fold_tile(acc, col_ok, start, sb_ptr, base, best, best_idx, saw_nan, MASKED: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """Merge one tile of products into the running ``(best, best_idx)`` of its rows.
@@ -84,11 +79,8 @@ def _fold_tile(acc, col_ok, start, sb_ptr, base, best, best_idx, saw_nan, MASKED
     else:
         sb = tl.load(sb_ptr + base + cols)
         s = acc * sb[None, :]
-    top = tl.reduce(s, 1, _max_keep_nan)
-    arg = tl.min(tl.where(s == top[:, None], cols[None, :], NO_HIT), 1)
-    saw_nan = saw_nan | (top != top).to(tl.int32)
-    better = top > best
-    return tl.where(better, top, best), tl.where(better, arg, best_idx), saw_nan
+    top, arg = tile_argmax(s, cols[None, :])
+    return fold_strict(best, best_idx, saw_nan, top, arg)
 
 
 @triton.jit
