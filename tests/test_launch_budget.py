@@ -105,10 +105,11 @@ CASES = {
     "dense sum": dict(window=None, reduction="sum"),
 }
 #: Triton launches of one step as the kernels stand. Forward: one preparation of both maps, per
-#: direction the scan (and the dense settle pass, which writes the loss's partial sums), one
-#: program finishing the loss. Backward: per direction the gather (and the sorted scatter when
+#: direction the scan and its settle pass (dense: which writes the loss's partial sums; windows:
+#: the same kernel again, which walks only the tiles the scan left queries to), one program
+#: finishing the loss. Backward: per direction the gather (and the sorted scatter when
 #: deterministic) and the finish.
-SCAN = {"dense": 2, "window": 1}
+SCAN = {"dense": 2, "window": 2}
 DIRECTIONS = {"dense symmetric": 2, "sliding 3 symmetric masked": 2}
 
 

@@ -719,6 +719,43 @@ def test_window_seams_exact(device, monkeypatch, step, spatial, window, mode, ma
     assert torch.isnan(want[0][0]).any()  # the NaN cases are exercised, not masked away
 
 
+def test_window_scan_leaves_only_its_rare_queries_to_the_settle_pass(device, monkeypatch):
+    """The window scan answers every query of finite maps itself: no tile goes to the settle pass,
+    whose exact walk costs more than twice the scan's (a lean epilogue that deferred everything
+    would be right, and slow). A NaN candidate sends exactly the queries whose windows see it."""
+    from salign_kernels.ops.triton import window as window_module
+
+    kernel, left = window_module._window_match_fwd_kernel, []
+
+    class Spy:  # records each settle pass's count of queries per tile (its marks argument)
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs["EXACT"]:
+                    left.append(args[8].cpu().clone())
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(window_module, "_window_match_fwd_kernel", Spy())
+    shape, k = (2, 8, 20, 21), 5
+    a, b = make_features(shape, seed=5, device=device)
+    sk.window_match(a, b, k, backend="triton")
+    assert left[-1].sum() == 0 and left[-1].numel() > 1
+    b[1, :, 9, 10] = float("nan")
+    got = sk.window_match(a, b, k, backend="triton")
+    want = reference.window_match(a.cpu(), b.cpu(), k, "sliding", None, None)
+    assert torch.equal(got[1].cpu(), want[1])
+    torch.testing.assert_close(got[0].cpu(), want[0], equal_nan=True, atol=2e-5, rtol=2e-5)
+    # The queries within k // 2 of the NaN candidate, counted in their tiles (batch 1).
+    tile_h, tile_w = window_module.query_tile(20, 21, window_module.INTERPRETED)
+    tiles_w = -(-21 // tile_w)
+    expected = torch.zeros_like(left[-1])
+    programs = expected.numel() // 2
+    for h in range(9 - k // 2, 9 + k // 2 + 1):
+        for w in range(10 - k // 2, 10 + k // 2 + 1):
+            expected[programs + (h // tile_h) * tiles_w + w // tile_w] += 1
+    assert torch.equal(left[-1], expected)
+
+
 @pytest.mark.parametrize("step", [(1, 2), (1, 4), (2, 16), (4, 32)])
 @pytest.mark.parametrize("window,mode", [(5, "sliding"), (7, "sliding"), (4, "partition")])
 def test_window_boxes_in_several_steps(device, monkeypatch, step, window, mode):
