@@ -4,7 +4,10 @@ A step at the canonical GPU shapes is host-bound, so its launch count is part of
 count is taken under Triton's interpreter (or on a GPU) on a tiny problem: every Triton launch of
 the launchers, and every PyTorch kernel of the step, inside the ops (the backward's fill, the
 deterministic sort) and around them (autograd's seed), leaving out what launches nothing (views,
-allocations) and what the interpreter itself runs to launch a kernel.
+allocations) and what the interpreter itself runs to launch a kernel. Under
+``torch.use_deterministic_algorithms(True)`` PyTorch fills each new tensor
+(``torch.utils.deterministic.fill_uninitialized_memory``), on a GPU one kernel per allocation,
+inside the allocation where no dispatch mode sees it: such an allocation is counted as a launch.
 
 The counts are exact: a change that adds a launch fails here first. The step's budget: at most 8
 launches for one direction, 12 for a symmetric loss, twice that with the deterministic backward.
@@ -37,6 +40,15 @@ NO_KERNEL = {
     "sym_numel", "dim", "is_contiguous", "unbind",
 }
 OUR_NAMESPACES = ("salign_kernels", "salign_kernels_interpreter")
+#: Allocations: each fills its tensor in deterministic mode while the fill setting is on.
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
+def _fills(name: str, out) -> bool:
+    """Whether the op ``name`` that returned ``out`` launched a deterministic-mode fill."""
+    return (name in ALLOCATIONS and torch.are_deterministic_algorithms_enabled()
+            and torch.utils.deterministic.fill_uninitialized_memory
+            and isinstance(out, torch.Tensor) and out.numel() > 0)
 
 
 #: Whether a Triton launch is under way: what the interpreter runs then (copies of the arguments)
@@ -57,9 +69,13 @@ class _CountKernels(TorchDispatchMode):
         if func.namespace in OUR_NAMESPACES:  # the Triton implementation itself, under the mode
             with self:
                 return library.IMPLEMENTATIONS[name](*args, **(kwargs or {}))
-        if name not in NO_KERNEL and not _IN_LAUNCH[0]:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if not _IN_LAUNCH[0]:
+            if name not in NO_KERNEL:
+                self.ops[name] += 1
+            elif _fills(name, out):
+                self.ops[f"{name} (deterministic fill)"] += 1
+        return out
 
 
 class _CountingKernel:
@@ -166,8 +182,8 @@ def test_step_within_launch_budget(monkeypatch, case, deterministic):
 def test_step_around_the_ops_is_autograd_seed_alone(monkeypatch, deterministic):
     """Besides the kernels, a step runs autograd's seed (``ones_like``), the backward's one fill of
     its accumulators (atomic path) or one sort per direction (deterministic): no reduction kernels,
-    no zero gradients for the saved outputs, and no host synchronisation (``_local_scalar_dense``,
-    ``item``)."""
+    no zero gradients for the saved outputs, no deterministic-mode fills of the ops' tensors, and no
+    host synchronisation (``_local_scalar_dense``, ``item``)."""
     _, torch_counts = _step_launches(monkeypatch, "dense symmetric", deterministic)
     want = {"ones_like": 1, **({"sort": 2} if deterministic else {"zeros": 1})}
     assert dict(torch_counts) == want

@@ -456,6 +456,29 @@ def test_forward_op_rejects_contract_violations(device, case):
         _family(device).match(**_op_args(device, **changes))
 
 
+def test_ops_allocate_without_deterministic_fills_and_restore_the_setting(device, monkeypatch):
+    """In deterministic mode the ops' tensors are not filled on allocation (their kernels write every
+    element: on a GPU a fill is one more launch per tensor), and the setting is as before after an
+    op, also after one that raised."""
+    from salign_kernels.ops.triton import dense
+
+    seen, launch = [], dense.dense_match_forward
+    monkeypatch.setattr(dense, "dense_match_forward", lambda *args, **kwargs: (
+        seen.append(torch.utils.deterministic.fill_uninitialized_memory), launch(*args, **kwargs))[1])
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        values, _ = _family(device).match(**_op_args(device))
+        assert seen == [False] and torch.utils.deterministic.fill_uninitialized_memory
+        with pytest.raises(ValueError, match="sliding window sizes must be odd"):
+            _family(device).match(**_op_args(device, window=[3, 2]))
+        assert torch.utils.deterministic.fill_uninitialized_memory
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert torch.equal(values, _family(device).match(**_op_args(device))[0])  # the same bits, fills or not
+
+
 def test_symmetric_op_is_dense_only(device):
     with pytest.raises(ValueError, match="match_symmetric fuses dense matching only"):
         _family(device).match_symmetric(**_op_args(device, window=[3, 3]))

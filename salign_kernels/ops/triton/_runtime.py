@@ -10,6 +10,7 @@ kernel source with numpy, slowly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -72,6 +73,38 @@ def mask_pointer(mask: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.
 def device_of(t: torch.Tensor):
     """A context that makes ``t``'s CUDA device current (a launch goes to the current device)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def unfilled_allocations():
+    """A context in which new tensors are not filled, deterministic mode or not.
+
+    Under ``torch.use_deterministic_algorithms(True)`` PyTorch fills every new tensor
+    (``torch.utils.deterministic.fill_uninitialized_memory``): on a GPU one more kernel launch per
+    allocation, some 16 in a training step of the fused loss. The ops' kernels write every element
+    of what they allocate, so their results are the same bits either way; the setting is restored
+    on leaving.
+    """
+    deterministic = torch.utils.deterministic
+    if not (torch.are_deterministic_algorithms_enabled() and deterministic.fill_uninitialized_memory):
+        yield
+        return
+    deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        deterministic.fill_uninitialized_memory = True
+
+
+def without_fills(implementation):
+    """``implementation`` run in :func:`unfilled_allocations`."""
+
+    @functools.wraps(implementation)
+    def run(*args, **kwargs):
+        with unfilled_allocations():
+            return implementation(*args, **kwargs)
+
+    return run
 
 
 def voxel_major(feat: torch.Tensor) -> torch.Tensor:

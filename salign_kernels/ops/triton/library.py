@@ -20,7 +20,8 @@ from . import _loss
 from . import backward as _backward
 from . import dense as _dense
 from . import window as _window
-from ._runtime import check_backward, check_forward, check_loss_backward, device_of, is_view_of, voxel_major
+from ._runtime import (check_backward, check_forward, check_loss_backward, device_of, is_view_of, voxel_major,
+                       without_fills)
 from .prepare import forward_rows, prepare_pair, writes_rows
 
 #: Whether the kernels run in Triton's interpreter (CPU tensors) rather than compiled for a GPU.
@@ -156,9 +157,11 @@ def match_backward(grad_values, feat_a, feat_b, indices, normalize: bool):
 
 
 #: The families the kernels implement: the main one on CUDA, its twin on CPU under the interpreter.
+#: Their kernels write every element of the tensors they allocate: no deterministic-mode fills.
 FAMILY = op_family()
-IMPLEMENTATIONS = dict(match=match, match_symmetric=match_symmetric, match_backward=match_backward,
-                       alignment_loss=alignment_loss, alignment_loss_backward=alignment_loss_backward)
+IMPLEMENTATIONS = {name: without_fills(implementation) for name, implementation in dict(
+    match=match, match_symmetric=match_symmetric, match_backward=match_backward,
+    alignment_loss=alignment_loss, alignment_loss_backward=alignment_loss_backward).items()}
 register_kernels(FAMILY, "cuda", **IMPLEMENTATIONS)
 INTERPRETER_FAMILY = None
 if INTERPRETED:
