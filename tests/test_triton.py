@@ -39,6 +39,25 @@ pytestmark = pytest.mark.skipif(not DEVICES, reason="the Triton backend runs on 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+if DEVICES:  # Triton imports and runs here: a kernel of the tests' own
+    import triton
+    import triton.language as tl
+
+    from salign_kernels.ops.triton._argmax import NO_HIT, tile_argmax_compiled, tile_argmax_interpreted
+
+    @triton.jit
+    def _tile_argmax_probe(s_ptr, top_ptr, arg_ptr, COMPILED: tl.constexpr, R: tl.constexpr, K: tl.constexpr):
+        rows = tl.arange(0, R)
+        cols = tl.arange(0, K)
+        s = tl.load(s_ptr + rows[:, None] * K + cols[None, :])
+        if COMPILED:
+            top, arg = tile_argmax_compiled(s, cols[None, :])
+        else:
+            top, arg = tile_argmax_interpreted(s, cols[None, :])
+        tl.store(top_ptr + rows, top)
+        tl.store(arg_ptr + rows, arg)
+
+
 @pytest.fixture(params=DEVICES or ["none"])
 def device(request):
     return request.param
@@ -254,6 +273,34 @@ def test_nan_wins_and_ties_keep_the_lowest_index(device, window, mode):
     _, indices = _match("triton", a.abs(), b, window, mode)
     _, want = _match("reference", a.abs(), b, window, mode)
     assert torch.equal(indices, want)
+
+
+def test_tile_argmax_forms_agree(device):
+    """The compiled form of the lean row (max, argmax) and the interpreter's give the same answers:
+    NaN rows (max NaN, no index), rows of only -inf (max -inf, the lowest index), ties (the lowest
+    index), whatever form the scans call here."""
+    R, K = 16, 32
+    s = torch.randint(-3, 4, (R, K), generator=torch.Generator().manual_seed(3)).float()  # many ties
+    s[1, 5] = s[2, 0] = s[2, 31] = s[3, 7] = float("nan")
+    s[4] = s[5, :30] = float("-inf")
+    s[6, 9] = float("inf")
+    s = s.to(device)
+    answers = []
+    for compiled in (True, False):
+        top, arg = torch.empty(R, device=device), torch.empty(R, dtype=torch.int32, device=device)
+        _tile_argmax_probe[(1,)](s, top, arg, COMPILED=compiled, R=R, K=K)
+        answers.append((top.cpu(), arg.cpu()))
+    (top, arg), (top_i, arg_i) = answers
+    want = s.cpu().max(1)
+    nan_rows = torch.isnan(want.values)
+    assert nan_rows.tolist()[:4] == [False, True, True, True]
+    assert torch.equal(torch.isnan(top), nan_rows) and torch.equal(torch.isnan(top_i), nan_rows)
+    assert torch.equal(top[~nan_rows], want.values[~nan_rows]) and torch.equal(top_i[~nan_rows], top[~nan_rows])
+    assert torch.equal(arg, arg_i)
+    assert (arg[nan_rows] == NO_HIT.value).all()  # the settle pass answers NaN rows
+    first_at_max = (s.cpu() == want.values[:, None]).int().argmax(1)  # the lowest index at the max
+    assert torch.equal(arg[~nan_rows].long(), first_at_max[~nan_rows])
+    assert arg[4] == 0 and arg[5] >= 30 and arg[6] == 9
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -3,7 +3,8 @@ lowest index. Shared ``@triton.jit`` helpers, inlined into each kernel.
 
 Two forms:
 
-- lean (``tile_argmax``, ``fold_strict``): what the scans' hot loops run. A NaN-keeping row max, one
+- lean (``tile_argmax``, ``fold_strict``): what the scans' hot loops run (``tile_argmax`` in one
+  of two forms of the same answer: one for compiled kernels, one the interpreter runs fast). A NaN-keeping row max, one
   compare-select-min for the lowest index at it, a strictly-greater merge. It gives the right answer
   for every row whose maximum is a number above ``-inf``; the rows it cannot settle (it saw a NaN,
   or no candidate above ``-inf``) are flagged, and the kernel settles them with the exact form.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._runtime import is_interpreted
+
 # constexpr: compiled kernels may read no other kind of global.
 SHIFT = tl.constexpr(2**30)
 NO_HIT = tl.constexpr(2**31 - 1)
@@ -31,13 +34,30 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
-def tile_argmax(s, index):
+def tile_argmax_compiled(s, index):
     """``(top, arg)`` of each row of a ``(rows, candidates)`` block ``s``: the row max (NaN if the
     row holds one) and the lowest ``index`` (broadcast against ``s``) attaining it; ``NO_HIT``
-    where the max is NaN (nothing equals it)."""
+    where the max is NaN (nothing equals it). One NaN-propagating max per element."""
     top = tl.reduce(s, 1, _max_keep_nan)
     arg = tl.min(tl.where(s == top[:, None], index, NO_HIT), 1)
     return top, arg
+
+
+@triton.jit
+def tile_argmax_interpreted(s, index):
+    """:func:`tile_argmax_compiled`'s answer through the built-in reductions only. The interpreter
+    runs a custom combine function once per element pair in Python (tens of thousands of calls a
+    tile) but ``tl.max`` as one numpy call; compiled, this form costs a compare and a second
+    reduction more per element."""
+    has_nan = tl.max((s != s).to(tl.int32), 1) != 0
+    top = tl.where(has_nan, float("nan"), tl.max(s, 1))
+    arg = tl.min(tl.where(s == top[:, None], index, NO_HIT), 1)
+    return top, arg
+
+
+#: The form the scans call: the same answers (tests/test_triton.py compares the two under the
+#: interpreter), each the cheaper where it runs.
+tile_argmax = tile_argmax_interpreted if is_interpreted(_max_keep_nan) else tile_argmax_compiled
 
 
 @triton.jit
