@@ -3,11 +3,12 @@ lowest index. Shared ``@triton.jit`` helpers, inlined into each kernel.
 
 Two forms:
 
-- lean (``tile_argmax``, ``fold_strict``): what the scans' hot loops run (``tile_argmax`` in one
-  of two forms of the same answer: one for compiled kernels, one the interpreter runs fast). A NaN-keeping row max, one
-  compare-select-min for the lowest index at it, a strictly-greater merge. It gives the right answer
-  for every row whose maximum is a number above ``-inf``; the rows it cannot settle (it saw a NaN,
-  or no candidate above ``-inf``) are flagged, and the kernel settles them with the exact form.
+- lean (``tile_argmax``, ``fold_strict``): what the scans' hot loops run. A NaN-keeping row max
+  (in one of two forms of the same answer: one for compiled kernels, one the interpreter runs
+  fast), one compare-select-min for the lowest index at it, a strictly-greater merge. It gives the
+  right answer for every row whose maximum is a number above ``-inf``; the rows it cannot settle
+  (it saw a NaN, or no candidate above ``-inf``) are flagged, and the kernel settles them with the
+  exact form.
 - exact (``block_argmax``, ``fold_best``): every rule in one pass. A block of similarities is
   reduced through integer keys: a NaN candidate keeps its index ``q < 2**30``, a candidate at the
   block's maximum becomes ``q + SHIFT``, anything else ``NO_HIT``; one min-reduction then gives the
@@ -34,13 +35,19 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
+def _lowest_index_at(s, top, index):
+    """Each row's lowest ``index`` where ``s`` equals its ``top`` (``NO_HIT`` where none does: a NaN
+    top)."""
+    return tl.min(tl.where(s == top[:, None], index, NO_HIT), 1)
+
+
+@triton.jit
 def tile_argmax_compiled(s, index):
     """``(top, arg)`` of each row of a ``(rows, candidates)`` block ``s``: the row max (NaN if the
     row holds one) and the lowest ``index`` (broadcast against ``s``) attaining it; ``NO_HIT``
     where the max is NaN (nothing equals it). One NaN-propagating max per element."""
     top = tl.reduce(s, 1, _max_keep_nan)
-    arg = tl.min(tl.where(s == top[:, None], index, NO_HIT), 1)
-    return top, arg
+    return top, _lowest_index_at(s, top, index)
 
 
 @triton.jit
@@ -51,8 +58,7 @@ def tile_argmax_interpreted(s, index):
     reduction more per element."""
     has_nan = tl.max((s != s).to(tl.int32), 1) != 0
     top = tl.where(has_nan, float("nan"), tl.max(s, 1))
-    arg = tl.min(tl.where(s == top[:, None], index, NO_HIT), 1)
-    return top, arg
+    return top, _lowest_index_at(s, top, index)
 
 
 #: The form the scans call: the same answers (tests/test_triton.py compares the two under the
